@@ -1,0 +1,324 @@
+"""The one validated configuration of a qabot run.
+
+`RunConfig` is the flow parameter (Prefect renders it as the run form) and the only thing a user edits.
+Every field carries a description; fields are checked against each other; small pure functions elsewhere
+turn slices of it into library objects (quantization config, LoRA config, TrainingArguments).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROFILES = ("smoke", "report")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line naming the field and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CleaningConfig(_Strict):
+    """Switches for the named cleaning rules (each rule is on unless switched off)."""
+
+    strip_control_chars: bool = Field(
+        True, description="Repair: remove control and stray escape characters, trim surrounding whitespace."
+    )
+    normalize_empty_input: bool = Field(
+        True,
+        description="Repair: turn '<noinput>', 'No input', 'N/A' and similar placeholder inputs into ''.",
+    )
+    cut_merged_instructions: bool = Field(
+        True, description="Repair: cut an output that runs on into a following '##' numbered instruction."
+    )
+    drop_empty_output: bool = Field(True, description="Drop: rows whose output is empty after cleaning.")
+    drop_na_output: bool = Field(True, description="Drop: rows whose output is just 'N/A' or similar.")
+    drop_nooutput: bool = Field(
+        True, description="Drop: '<nooutput>' / '<No Output>' answers (mostly image-generation requests)."
+    )
+    drop_hallucination_bait: bool = Field(
+        True, description="Drop: inputs that are only a URL or a placeholder such as '<Picture Attached>'."
+    )
+    drop_empty_code: bool = Field(
+        True, description="Drop: instructions asking for code whose output contains no code."
+    )
+    drop_unclear_instruction: bool = Field(
+        True, description="Drop: instructions too short or without letters to be understood."
+    )
+    drop_duplicates: bool = Field(
+        True, description="Drop: exact and normalised (case, whitespace, punctuation) duplicate rows."
+    )
+
+
+class DataConfig(_Strict):
+    """Where the instruction data comes from and how it is split."""
+
+    source: str = Field(
+        "tatsu-lab/alpaca",
+        description=(
+            "Alpaca-format data: a local JSON/JSONL file, an http(s) URL, a Hugging Face dataset id "
+            "('owner/name' or 'hf://owner/name'), or 'builtin:NAME' for a file shipped with qabot."
+        ),
+    )
+    revision: str | None = Field(
+        None, description="Dataset revision (Hugging Face ids only); None = default branch."
+    )
+    sha256: str | None = Field(
+        None, description="Expected sha256 of the downloaded file (URLs); a mismatch stops the run."
+    )
+    eval_fraction: float = Field(
+        0.02, gt=0.0, lt=0.5, description="Share of the cleaned rows held out for evaluation loss."
+    )
+    max_rows: int | None = Field(
+        None,
+        ge=10,
+        description="Keep only this many cleaned rows (seeded sample) for quick runs; None = all.",
+    )
+    seed: int = Field(42, description="Seed of the train/eval split and of any sampling.")
+    cleaning: CleaningConfig = Field(default_factory=CleaningConfig, description="Cleaning rule switches.")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v.lower())):
+            raise ValueError("must be 64 hexadecimal characters")
+        return v.lower() if v else v
+
+
+class QuantizationConfig(_Strict):
+    """How the base model is loaded for QLoRA (bitsandbytes)."""
+
+    load_in_4bit: bool = Field(True, description="Load the base model's linear layers in 4-bit (QLoRA).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 is the QLoRA default.")
+    double_quant: bool = Field(
+        True, description="Quantize the quantization constants too (saves ~0.4 bit/param)."
+    )
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype of the matmuls on dequantized weights and of the non-quantized parts."
+    )
+
+
+class LoraSettings(_Strict):
+    """The LoRA adapter trained on top of the frozen base."""
+
+    r: int = Field(16, ge=1, le=1024, description="Rank of the LoRA update matrices.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="'all-linear' = every linear layer of the loaded model except the output head; or module names.",
+    )
+
+
+class ModelSpec(_Strict):
+    """One base model to fine-tune and compare, with the settings that differ per model."""
+
+    name: str = Field(
+        ..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Short label used in reports."
+    )
+    base_model: str = Field(
+        ...,
+        description=(
+            "Hugging Face model id, a local model directory, or 'tiny:llama' / 'tiny:bloom' / 'tiny:falcon' "
+            "for a small model built locally from that architecture's config."
+        ),
+    )
+    revision: str | None = Field(None, description="Model revision on the Hub; None = default branch.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    batch_size: int = Field(
+        4, ge=1, description="Effective batch size in rows per optimizer step (micro-batch x accumulation)."
+    )
+    learning_rate: float | None = Field(
+        None, gt=0, description="Peak learning rate; None = training.learning_rate."
+    )
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    max_length: int = Field(
+        512, ge=16, description="Longest tokenized row; longer rows are truncated and counted."
+    )
+    use_fast_tokenizer: bool | None = Field(
+        None,
+        description="Force the fast or slow tokenizer; None = the architecture's advice (OpenLLaMA: slow).",
+    )
+
+
+class TrainingSettings(_Strict):
+    """Settings shared by every model's fine-tuning."""
+
+    learning_rate: float = Field(2e-4, gt=0, description="Default peak learning rate.")
+    warmup_ratio: float = Field(
+        0.1, ge=0, lt=1, description="Share of steps spent warming the LR up linearly."
+    )
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field(
+        "linear", description="LR decay after warmup; the report used linear."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: str = Field(
+        "adamw_torch",
+        description="transformers optimizer name, e.g. 'adamw_torch' or 'paged_adamw_8bit' (GPU).",
+    )
+    logging_steps: int = Field(1, ge=1, description="Log loss and LR every N optimizer steps.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; None = once per epoch.")
+    save_steps: int = Field(
+        50, ge=1, description="Checkpoint (adapter, optimizer, scheduler, RNG) every N steps."
+    )
+    seed: int = Field(42, description="Training seed.")
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="GPU memory budget; micro-batch, accumulation and checkpointing are chosen to fit it. None = the card's.",
+    )
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="'auto' turns it on when the memory budget requires it."
+    )
+    group_by_length: bool = Field(True, description="Batch rows of similar length together to cut padding.")
+    tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=64,
+        description="Token budget of one micro-batch (rows x longest row); None = from memory budget.",
+    )
+    bf16: bool = Field(True, description="Train in bfloat16 autocast where the device supports it.")
+
+
+class InferenceSettings(_Strict):
+    """How the merged models answer the question set."""
+
+    question_set: str | None = Field(
+        None, description="Question set markdown file; None = the built-in 15 questions."
+    )
+    max_new_tokens: int = Field(128, ge=1, le=4096, description="Longest answer in tokens.")
+    batch_size: int = Field(16, ge=1, description="Questions answered in one generate() call.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (only with do_sample).")
+    repetition_penalty: float = Field(1.1, ge=1.0, description="Penalty on repeated tokens.")
+
+
+class TrackingSettings(_Strict):
+    """Where and how runs are recorded."""
+
+    experiment: str = Field("qabot", min_length=1, description="MLflow experiment name.")
+    register_models: bool = Field(
+        True, description="Register each merged model in the MLflow model registry."
+    )
+    system_metrics: bool = Field(True, description="Sample CPU/GPU/memory with MLflow system metrics.")
+    log_merged_model: bool = Field(True, description="Upload the merged model directory as a run artifact.")
+
+
+class RunConfig(_Strict):
+    """A whole fine-tune-and-compare run: data, models, training, inference and tracking."""
+
+    name: str = Field("qabot", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Run name prefix.")
+    profile: str = Field("custom", description="Which preset this config came from (informational).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' = CUDA when present, else CPU."
+    )
+    process_isolation: bool = Field(
+        True, description="Train/merge/answer each model in its own process so its memory is surely released."
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="Instruction data.")
+    models: list[ModelSpec] = Field(
+        ..., min_length=1, description="Base models, fine-tuned one after another."
+    )
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="4-bit loading.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter.")
+    training: TrainingSettings = Field(
+        default_factory=TrainingSettings, description="Shared training settings."
+    )
+    inference: InferenceSettings = Field(default_factory=InferenceSettings, description="Question answering.")
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="MLflow tracking.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"models: names must be unique, repeated: {', '.join(dup)}")
+        if self.device == "cpu" and self.quantization.compute_dtype == "float16":
+            raise ValueError("quantization.compute_dtype: float16 is not supported on the CPU; use bfloat16")
+        if self.training.optimizer.startswith("paged_") and self.device == "cpu":
+            raise ValueError("training.optimizer: paged optimizers need CUDA; use adamw_torch on the CPU")
+        return self
+
+    def lr_for(self, spec: ModelSpec) -> float:
+        return spec.learning_rate or self.training.learning_rate
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable short hash of JSON-able data (a config slice, a list of fingerprints)."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def qabot_home() -> Path:
+    """Where all state lives: $QABOT_HOME, default ./.qabot."""
+    return Path(os.environ.get("QABOT_HOME", ".qabot")).resolve()
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{where}: {loc}: {msg}{more}"
+
+
+def profile_text(profile: str) -> str:
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+    return resources.files("pipeline_lib.profiles").joinpath(f"{profile}.yaml").read_text()
+
+
+def parse_config(data: Any, where: str = "config") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, where)) from None
+
+
+def load_config(profile: str | None = None, path: str | os.PathLike | None = None) -> RunConfig:
+    """Load a preset (`profile`) or a YAML/JSON file (`path`); a file may start from a preset with `profile:`."""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" (line {mark.line + 1})" if mark else ""
+            raise ConfigError(f"{p}: not valid YAML{at}") from None
+        if isinstance(data, dict) and data.get("profile") in PROFILES and profile is None:
+            base = yaml.safe_load(profile_text(data["profile"]))
+            data = _deep_merge(base, data)
+        return parse_config(data, str(p))
+    name = profile or "smoke"
+    return parse_config(yaml.safe_load(profile_text(name)), f"profile {name}")
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
