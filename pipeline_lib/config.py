@@ -239,6 +239,14 @@ class RunConfig(_Strict):
     inference: InferenceSettings = Field(default_factory=InferenceSettings, description="Question answering.")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="MLflow tracking.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _start_from_preset(cls, data: Any) -> Any:
+        """`profile: smoke|report` plus a few overrides means: that preset, with those overrides."""
+        if isinstance(data, dict) and data.get("profile") in PROFILES:
+            return _deep_merge(yaml.safe_load(profile_text(data["profile"])), data)
+        return data
+
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         names = [m.name for m in self.models]
@@ -309,9 +317,8 @@ def load_config(profile: str | None = None, path: str | os.PathLike | None = Non
             mark = getattr(err, "problem_mark", None)
             at = f" (line {mark.line + 1})" if mark else ""
             raise ConfigError(f"{p}: not valid YAML{at}") from None
-        if isinstance(data, dict) and data.get("profile") in PROFILES and profile is None:
-            base = yaml.safe_load(profile_text(data["profile"]))
-            data = _deep_merge(base, data)
+        if profile is not None and isinstance(data, dict):
+            data = {"profile": profile, **data}
         return parse_config(data, str(p))
     name = profile or "smoke"
     return parse_config(yaml.safe_load(profile_text(name)), f"profile {name}")

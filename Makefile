@@ -1,0 +1,45 @@
+# qabot: `make demo` runs the pipeline on the embedded default (smoke) through Prefect and MLflow;
+# `make test` runs the test suite. Both set everything up themselves on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed on its own first: the CPU wheel here (a CUDA build on GPU machines: TORCH_SPEC=torch).
+TORCH_SPEC ?= torch==2.13.0
+export QABOT_HOME ?= $(CURDIR)/.qabot
+
+.PHONY: install demo test test-fast lint format up down clean
+
+$(BIN)/qabot: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/qabot
+
+demo: install
+	$(BIN)/qabot demo
+
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+up: install
+	$(BIN)/qabot up
+
+down:
+	@if [ -x $(BIN)/qabot ]; then $(BIN)/qabot down; fi
+
+clean: down
+	rm -rf $(QABOT_HOME)

@@ -1,0 +1,256 @@
+"""`qabot` command line.
+
+    qabot up | down | status            local MLflow server, Prefect server and process worker
+    qabot run --profile smoke|report    run the pipeline now (in this process), tracked in MLflow
+    qabot run --config FILE.yaml        ... from a config file (may start from a preset with `profile:`)
+    qabot deploy                        register prefect.yaml's deployments
+    qabot demo                          up + deploy + run the smoke deployment through the worker
+    qabot data prepare --source SRC --out DIR
+    qabot config show|schema            print a resolved config / the JSON schema of RunConfig
+
+Errors are one line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def _fail(msg: str, code: int = EXIT_FAILED) -> int:
+    print(f"qabot: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+def _load(args) -> object:
+    from pipeline_lib.config import load_config, parse_config
+
+    cfg = load_config(profile=args.profile, path=args.config) if args.config else load_config(args.profile or "smoke")
+    if getattr(args, "set", None):
+        data = cfg.model_dump(mode="json")
+        for item in args.set:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+            import yaml
+
+            node = data
+            parts = key.split(".")
+            for p in parts[:-1]:
+                node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+            last = parts[-1]
+            value = yaml.safe_load(raw)
+            if isinstance(node, list):
+                node[int(last)] = value
+            else:
+                node[last] = value
+        cfg = parse_config(data, "--set")
+    return cfg
+
+
+def _use_services(start: bool, worker: bool = False) -> dict:
+    from flows import services
+
+    if start:
+        services.up(worker=worker)
+    env = services.service_env()
+    os.environ.update(env)
+    return env
+
+
+def cmd_up(args) -> int:
+    from flows import services
+
+    st = services.up(worker=not args.no_worker)
+    print(f"MLflow:  {st['mlflow_url']}")
+    print(f"Prefect: {st['prefect_url']}")
+    print(f"State:   {services.qabot_home()}")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from flows import services
+
+    stopped = services.down()
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from flows import services
+
+    st = services.read_state()
+    if not st:
+        print("not started (qabot up)")
+        return 0
+    for name, pid in st.get("pids", {}).items():
+        print(f"{name:8s} pid {pid:>7}  {'running' if services._alive(pid) else 'stopped'}")
+    print(f"MLflow:  {st.get('mlflow_url')}\nPrefect: {st.get('prefect_url')}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    cfg = _load(args)
+    if args.no_track:
+        os.environ["MLFLOW_TRACKING_URI"] = "off"
+    _use_services(start=not args.no_services)
+    from flows.finetune_compare import finetune_compare
+
+    t0 = time.time()
+    summary = finetune_compare(config=cfg)
+    print(json.dumps({"seconds": round(time.time() - t0, 1), **summary}, indent=2, default=str))
+    _print_urls(summary)
+    return 0
+
+
+def _print_urls(summary: dict, flow_run_url: str | None = None) -> None:
+    if flow_run_url:
+        print(f"Prefect flow run: {flow_run_url}")
+    if summary.get("parent_run_url"):
+        print(f"MLflow parent run: {summary['parent_run_url']}")
+    print(f"Report: {Path(summary['report_dir']) / 'report.md'}")
+
+
+def cmd_deploy(args) -> int:
+    from flows import services
+
+    _use_services(start=True, worker=True)
+    services.deploy()
+    print("deployed: finetune-compare/smoke, finetune-compare/report, finetune-compare/report-weekly")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from flows import services
+
+    st = services.up(worker=True)
+    os.environ.update(services.service_env())
+    print(f"MLflow:  {st['mlflow_url']}\nPrefect: {st['prefect_url']}")
+    services.deploy()
+    from prefect.deployments import run_deployment
+
+    params = None
+    if args.profile != "smoke" or args.config:
+        params = {"config": _load(args).model_dump(mode="json")}
+    fr = run_deployment(f"finetune-compare/{args.deployment}", parameters=params, timeout=args.timeout)
+    flow_url = f"{st['prefect_url']}/runs/flow-run/{fr.id}"
+    if not fr.state or not fr.state.is_completed():
+        print(f"Prefect flow run: {flow_url}")
+        msg = fr.state.message if fr.state else "no state"
+        return _fail(f"flow run {fr.name} ended {fr.state.name if fr.state else 'unknown'}: {msg}")
+    summary = _find_summary(str(fr.id), st)
+    _print_urls(summary, flow_url)
+    return 0
+
+
+def _find_summary(flow_run_id: str, st: dict) -> dict:
+    """The parent MLflow run of a flow run (tagged with its id) and its summary."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=st["mlflow_url"])
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`qabot.flow_run_id` = '{flow_run_id}'",
+    )
+    if not runs:
+        return {"report_dir": "?", "parent_run_url": None}
+    run = runs[0]
+    url = f"{st['mlflow_url']}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    from pipeline_lib.config import qabot_home
+
+    return {"parent_run_url": url, "report_dir": str(qabot_home() / "reports" / run.info.run_id)}
+
+
+def cmd_data_prepare(args) -> int:
+    from pipeline_lib.config import DataConfig
+    from pipeline_lib.data import prepare
+
+    cfg = DataConfig(source=args.source, revision=args.revision, sha256=args.sha256)
+    res = prepare(args.source, Path(args.out), cfg)
+    d = res.to_dict()
+    print(json.dumps({k: d[k] for k in ("clean_path", "audit_path", "rows_in", "rows_out", "fingerprint")}, indent=2))
+    return 0
+
+
+def cmd_config(args) -> int:
+    if args.action == "schema":
+        from pipeline_lib.config import RunConfig
+
+        print(json.dumps(RunConfig.model_json_schema(), indent=2))
+        return 0
+    import yaml
+
+    print(yaml.safe_dump(_load(args).model_dump(mode="json"), sort_keys=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qabot", description="Fine-tune small LLMs with QLoRA and compare them.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cfg_args(sp):
+        sp.add_argument("--profile", choices=["smoke", "report"], default=None, help="preset (default smoke)")
+        sp.add_argument("--config", help="YAML/JSON RunConfig file")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set models.0.max_steps=20 (repeatable)")
+
+    sp = sub.add_parser("up", help="start MLflow, Prefect and a process worker")
+    sp.add_argument("--no-worker", action="store_true")
+    sp.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop what `up` started").set_defaults(func=cmd_down)
+    sub.add_parser("status", help="show the local services").set_defaults(func=cmd_status)
+    sp = sub.add_parser("run", help="run the pipeline now")
+    cfg_args(sp)
+    sp.add_argument("--no-services", action="store_true", help="do not start local servers (use env URLs)")
+    sp.add_argument("--no-track", action="store_true", help="record nothing in MLflow")
+    sp.set_defaults(func=cmd_run)
+    sub.add_parser("deploy", help="register prefect.yaml's deployments").set_defaults(func=cmd_deploy)
+    sp = sub.add_parser("demo", help="up + deploy + run a deployment through the worker, print URLs")
+    cfg_args(sp)
+    sp.add_argument("--deployment", default="smoke")
+    sp.add_argument("--timeout", type=float, default=3600)
+    sp.set_defaults(func=cmd_demo)
+    sp = sub.add_parser("data", help="data stage on its own")
+    dsub = sp.add_subparsers(dest="data_command", required=True)
+    dp = dsub.add_parser("prepare", help="acquire, validate and clean; write clean.jsonl and audit.json")
+    dp.add_argument("--source", required=True, help="file, http(s) URL or Hugging Face dataset id")
+    dp.add_argument("--out", required=True, help="output directory")
+    dp.add_argument("--revision")
+    dp.add_argument("--sha256")
+    dp.set_defaults(func=cmd_data_prepare)
+    sp = sub.add_parser("config", help="print a resolved config or the schema")
+    sp.add_argument("action", choices=["show", "schema"])
+    cfg_args(sp)
+    sp.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as err:  # every failure ends as one line; details are in the logs and Prefect/MLflow
+        if os.environ.get("QABOT_DEBUG"):
+            raise
+        from pipeline_lib.config import ConfigError
+
+        code = EXIT_USAGE if isinstance(err, (ConfigError, ValueError)) else EXIT_FAILED
+        return _fail(_one_line(err), code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

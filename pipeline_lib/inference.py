@@ -1,0 +1,101 @@
+"""Answer the question set with a model directory, batched, with the same prompt template as training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline_lib.config import InferenceSettings
+from pipeline_lib.prompts import build_prompt
+from pipeline_lib.questions import load_questions, score_answer
+
+
+def load_for_inference(model_dir: str | Path, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.padding_side = "left"  # generation continues every row from its last real token
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def generate_answers(model, tokenizer, prompts: list[str], settings: InferenceSettings, device: str) -> list[dict]:
+    """Greedy (or sampled) answers to `prompts`, `settings.batch_size` at a time; new tokens only."""
+    import torch
+
+    out: list[dict] = []
+    for start in range(0, len(prompts), settings.batch_size):
+        chunk = prompts[start : start + settings.batch_size]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+        t0 = time.time()
+        with torch.inference_mode():
+            gen = model.generate(
+                **enc,
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=settings.do_sample,
+                temperature=settings.temperature if settings.do_sample else None,
+                top_p=None,
+                top_k=None,
+                repetition_penalty=settings.repetition_penalty,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        dt = time.time() - t0
+        new = gen[:, enc["input_ids"].shape[1] :]
+        for row in new:
+            ids = row.tolist()
+            if tokenizer.eos_token_id in ids:
+                ids = ids[: ids.index(tokenizer.eos_token_id)]
+            ids = [i for i in ids if i != tokenizer.pad_token_id]
+            out.append({"answer": tokenizer.decode(ids, skip_special_tokens=True).strip(), "new_tokens": len(ids),
+                        "batch_seconds": dt})
+    return out
+
+
+def answer_question_set(
+    model_dir: str,
+    out_path: str,
+    model_name: str,
+    settings: dict,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Answer every question of the set with the model in `model_dir`; write JSONL and return a summary."""
+    from pipeline_lib.training import resolve_device
+
+    s = InferenceSettings.model_validate(settings)
+    device = resolve_device(device)
+    questions = load_questions(s.question_set)
+    model, tokenizer = load_for_inference(model_dir, device)
+    t0 = time.time()
+    answers = generate_answers(model, tokenizer, [build_prompt(q.question) for q in questions], s, device)
+    seconds = time.time() - t0
+    rows = []
+    for q, a in zip(questions, answers):
+        sc = score_answer(q, a["answer"])
+        rows.append({"model": model_name, "id": q.id, "question": q.question, "kind": q.kind,
+                     "answer": a["answer"], "new_tokens": a["new_tokens"], "score": sc["score"],
+                     "matched": sc["matched"], "score_method": sc["method"]})
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    path.write_text(text, encoding="utf-8")
+    scored = [r["score"] for r in rows if r["score"] is not None]
+    facts = [r["score"] for r in rows if r["kind"] == "fact"]
+    return {
+        "model_name": model_name,
+        "answers_path": str(path),
+        "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "n_questions": len(rows),
+        "mean_score": sum(scored) / len(scored) if scored else None,
+        "fact_accuracy": sum(facts) / len(facts) if facts else None,
+        "seconds": seconds,
+        "new_tokens": sum(r["new_tokens"] for r in rows),
+    }

@@ -1,0 +1,70 @@
+"""Run one stage in a fresh Python process, so that its memory (GPU memory above all) is surely released
+when it ends. Arguments and results cross the boundary as JSON; an error in the child comes back as a
+`StageError` carrying the child's one-line message."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+
+class StageError(RuntimeError):
+    """A stage failed in its own process; str() is the child's one-line message."""
+
+    def __init__(self, message: str, kind: str = "", log_tail: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.log_tail = log_tail
+
+
+def _resolve(target: str):
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def call(target: str, payload: dict, *, isolate: bool = True, log_path: str | Path | None = None) -> Any:
+    """Call `module:function(**payload)`, in a child process when `isolate` (the default)."""
+    if not isolate:
+        return _resolve(target)(**payload)
+    with tempfile.TemporaryDirectory(prefix="qabot-stage-") as tmp:
+        arg_file, out_file = Path(tmp, "args.json"), Path(tmp, "result.json")
+        arg_file.write_text(json.dumps({"target": target, "payload": payload}, default=str))
+        log = Path(log_path) if log_path else Path(tmp, "stage.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as fh:
+            proc = subprocess.run(
+                [sys.executable, "-m", "pipeline_lib.isolation", str(arg_file), str(out_file)],
+                stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+        if out_file.exists():
+            res = json.loads(out_file.read_text())
+            if "error" in res:
+                raise StageError(res["error"]["message"], res["error"]["type"], tail)
+            if proc.returncode == 0:
+                return res["result"]
+        raise StageError(f"{target} ended with exit code {proc.returncode} before returning a result", "", tail)
+
+
+def _main(arg_file: str, out_file: str) -> int:
+    spec = json.loads(Path(arg_file).read_text())
+    try:
+        result = _resolve(spec["target"])(**spec["payload"])
+        Path(out_file).write_text(json.dumps({"result": result}, default=str))
+        return 0
+    except BaseException as err:  # report every failure, the child exits right after
+        traceback.print_exc()
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        Path(out_file).write_text(json.dumps({"error": {"type": type(err).__name__, "message": msg}}))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1], sys.argv[2]))
