@@ -61,6 +61,7 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
                         trained["metrics"]["train_loss"], trained["metrics"]["eval_loss"], answers["fact_accuracy"])
         report = stages.compare_models(results, parent, tracking, f"{config.name}: {', '.join(r['model_name'] for r in results)}")
         summary = {
+            "flow_run_id": str(flow_run.get_id()),
             "parent_run_id": parent,
             "parent_run_url": report["parent_run_url"],
             "report_dir": report["report_dir"],

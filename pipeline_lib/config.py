@@ -44,7 +44,11 @@ class CleaningConfig(_Strict):
     drop_empty_output: bool = Field(True, description="Drop: rows whose output is empty after cleaning.")
     drop_na_output: bool = Field(True, description="Drop: rows whose output is just 'N/A' or similar.")
     drop_nooutput: bool = Field(
-        True, description="Drop: '<nooutput>' / '<No Output>' answers (mostly image-generation requests)."
+        True,
+        description=(
+            "Drop: '<nooutput>' / '<No Output>' answers and stock refusals to make images "
+            "(mostly image-generation requests)."
+        ),
     )
     drop_hallucination_bait: bool = Field(
         True, description="Drop: inputs that are only a URL or a placeholder such as '<Picture Attached>'."
@@ -53,7 +57,12 @@ class CleaningConfig(_Strict):
         True, description="Drop: instructions asking for code whose output contains no code."
     )
     drop_unclear_instruction: bool = Field(
-        True, description="Drop: instructions too short or without letters to be understood."
+        True,
+        description="Drop: instructions without at least two letters, or only a placeholder or a URL.",
+    )
+    drop_missing_input: bool = Field(
+        True,
+        description="Drop: instructions pointing at content ('the following sentence') when the input is empty.",
     )
     drop_duplicates: bool = Field(
         True, description="Drop: exact and normalised (case, whitespace, punctuation) duplicate rows."

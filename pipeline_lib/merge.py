@@ -35,8 +35,11 @@ def merge_stage(
     device = resolve_device(device)
     q = QuantizationConfig.model_validate(quantization)
     out = Path(out_dir)
-    merge_info = modeling.merge_adapter(base_path, adapter_dir, out)
-    fidelity = modeling.merge_fidelity(base_path, adapter_dir, out, q, FIDELITY_TEXTS, device=device)
+    from pipeline_lib.tokenization import load_tokenizer
+
+    merge_info = modeling.merge_adapter(base_path, adapter_dir, out, device=device)
+    tokenizer = load_tokenizer(out)
+    fidelity = modeling.merge_fidelity(base_path, adapter_dir, out, q, tokenizer, FIDELITY_TEXTS, device=device)
     result: dict[str, Any] = {
         "merged_dir": str(out),
         "fingerprint": directory_fingerprint(out),

@@ -173,3 +173,310 @@ if __name__ == "__main__":  # regenerate the shipped smoke data: python -m pipel
     here = Path(__file__).parent / "assets" / "smoke_alpaca.jsonl"
     write_jsonl(alpaca_rows(900, seed=7), here)
     print(here)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Rows for the data tests and the data benchmark: clean rows in other languages and scripts, rows with each
+# known defect of the original Alpaca set, and large Alpaca-sized sets with a share of defects mixed in.
+
+NON_ENGLISH_ROWS: list[dict] = [
+    {
+        "instruction": "把下面的句子翻译成英文。",
+        "input": "我喜欢学习新的语言。",
+        "output": "I like learning new languages.",
+    },
+    {"instruction": "Какая столица России?", "input": "", "output": "Столица России — Москва."},
+    {"instruction": "भारत की राजधानी क्या है?", "input": "", "output": "भारत की राजधानी नई दिल्ली है।"},
+    {"instruction": "ما هي عاصمة مصر؟", "input": "", "output": "عاصمة مصر هي القاهرة."},
+    {
+        "instruction": "پایتخت ایران کجاست؟",
+        "input": "",
+        "output": "پایتخت ایران تهران است. من می\u200cخواهم به تهران بروم.",
+    },
+    {"instruction": "日本の首都はどこですか？", "input": "", "output": "日本の首都は東京です。"},
+    {"instruction": "¿Cuál es la capital de Perú?", "input": "", "output": "¡La capital de Perú es Lima!"},
+    {"instruction": "Nenne ein Wort mit ß.", "input": "", "output": "Straße"},
+    {"instruction": "Describe your mood with emoji only.", "input": "", "output": "😀🎉👍"},
+    {"instruction": "Show a family with one emoji.", "input": "", "output": "👨\u200d👩\u200d👧"},
+]
+
+# Clean rows that look a little like defects; no cleaning rule may touch them.
+TRICKY_CLEAN_ROWS: list[dict] = [
+    {
+        "instruction": "Write a Python function that prints each item of a list.",
+        "input": "",
+        "output": "def show(items):\n\tfor item in items:\n\t\tprint(item)",
+    },
+    {
+        "instruction": "Write a Python statement that prints two lines.",
+        "input": "",
+        "output": 'print("first\\nsecond")',
+    },
+    {
+        "instruction": "What is the escape sequence for a new line in Python?",
+        "input": "",
+        "output": "The escape sequence is \\n.",
+    },
+    {"instruction": "Write the common abbreviation for 'not applicable'.", "input": "", "output": "N/A"},
+    {
+        "instruction": "Extract the domain name from the URL.",
+        "input": "https://www.example.com/about",
+        "output": "example.com",
+    },
+    {
+        "instruction": "Rewrite the following sentence in the passive voice: The cat chased the mouse.",
+        "input": "",
+        "output": "The mouse was chased by the cat.",
+    },
+    {
+        "instruction": "Write a function that describes a line with slope 2 through the origin.",
+        "input": "",
+        "output": "f(x) = 2x",
+    },
+    {
+        "instruction": "Write a script for a short play about two friends.",
+        "input": "",
+        "output": "Anna: You came!\nBen: I always keep my promises.",
+    },
+    {
+        "instruction": "Generate a code of conduct for a book club.",
+        "input": "",
+        "output": "Be kind, read the book, and let everyone speak.",
+    },
+    {
+        "instruction": "Write a short markdown document with a heading and a list.",
+        "input": "",
+        "output": "## Shopping\n\n- milk\n- eggs",
+    },
+    {"instruction": "What is the Python type of the given value?", "input": "None", "output": "NoneType"},
+    {"instruction": "What is the chemical symbol for sodium?", "input": "", "output": "Na"},
+    {"instruction": "What does this HTML tag create?", "input": "<input>", "output": "A form field."},
+    {
+        "instruction": "Create a SQL query that lists all customers from Canada.",
+        "input": "",
+        "output": "select * from customers where country = 'Canada';",
+    },
+    {
+        "instruction": "Indent the code block.",
+        "input": "x = 1\ny = 2",
+        "output": "    x = 1\n    y = 2",
+    },
+    {"instruction": "What happened the following day?", "input": "", "output": "The treaty was signed."},
+    {"instruction": "What is the given name of Albert Einstein?", "input": "", "output": "Albert"},
+]
+
+
+def _defect(rule: str, action: str, row: dict, expected: dict | None = None) -> dict:
+    return {**row, "rule": rule, "action": action, "expected": expected}
+
+
+def defective_rows() -> list[dict]:
+    """Rows with each known defect of the original Alpaca set (data notes, classes 1-7, 9, 10) and duplicates.
+
+    Each row has the Alpaca fields plus `rule` (the cleaning rule that must catch it), `action` ("drop" or
+    "repair") and `expected` (for repairs: the repaired row). Duplicate rows copy rows of `alpaca_rows(14)`,
+    so put those first when testing them."""
+    base = alpaca_rows(14, seed=3)
+    out = [
+        # 1. hallucination bait
+        _defect("hallucination_bait", "drop", {"instruction": "Summarize the article.",
+                "input": "https://www.example.com/news/2023/ai-article", "output": "The article says AI is great."}),
+        _defect("hallucination_bait", "drop", {"instruction": "Describe the picture.", "input": "<Picture Attached>",
+                "output": "The picture shows a sunset over the sea."}),
+        _defect("hallucination_bait", "drop", {"instruction": "Classify the mood of the painting.", "input": "[Image]",
+                "output": "Calm."}),
+        _defect("hallucination_bait", "drop", {"instruction": "What is shown here? <image attached>", "input": "",
+                "output": "A dog playing in the park."}),
+        # 2. merged instructions
+        _defect("merged_instruction", "repair", {"instruction": "What is the capital of France?", "input": "",
+                "output": "Paris is the capital of France.\n##\n18. Instruction: Name a famous painter.\n"
+                "18. Input:\n<noinput>\n18. Output:\nPablo Picasso."},
+                {"instruction": "What is the capital of France?", "input": "",
+                 "output": "Paris is the capital of France."}),
+        _defect("merged_instruction", "repair", {"instruction": "Give an antonym of 'hot'.", "input": "",
+                "output": "cold\n\n7. Instruction: Give an antonym of 'big'.\n7. Input:\n\n7. Output:\nsmall"},
+                {"instruction": "Give an antonym of 'hot'.", "input": "", "output": "cold"}),
+        # 3. empty outputs
+        _defect("empty_output", "drop", {"instruction": "Name a type of cloud.", "input": "", "output": ""}),
+        _defect("empty_output", "drop", {"instruction": "Name a type of tree.", "input": "", "output": "  \n "}),
+        # 4. empty code examples
+        _defect("empty_code", "drop", {"instruction": "Write a Python function that reverses a string.", "input": "",
+                "output": "The function takes a string and returns it reversed."}),
+        _defect("empty_code", "drop", {"instruction": "Write a SQL query to count the orders.",
+                "input": "", "output": "This query counts every order in the table."}),
+        # 5. image requests answered with <nooutput>
+        _defect("nooutput", "drop", {"instruction": "Generate an image of a cat wearing a hat.", "input": "",
+                "output": "<nooutput>"}),
+        _defect("nooutput", "drop", {"instruction": "Draw a logo for a coffee shop.", "input": "",
+                "output": "<No Output>"}),
+        _defect("nooutput", "drop", {"instruction": "Paint a picture of a stormy sea.", "input": "",
+                "output": "This type of instruction cannot be fulfilled by a GPT model."}),
+        # 6. N/A outputs
+        _defect("na_output", "drop", {"instruction": "Name the tallest mountain on Mars.", "input": "",
+                "output": "N/A"}),
+        _defect("na_output", "drop", {"instruction": "Who wrote the song?", "input": "Yesterday", "output": "n/a."}),
+        # 7. inconsistent empty input
+        *[
+            _defect("empty_input", "repair", {"instruction": "Name three primary colors.", "input": placeholder,
+                    "output": f"Red, yellow and blue ({i})."},
+                    {"instruction": "Name three primary colors.", "input": "", "output": f"Red, yellow and blue ({i})."})
+            for i, placeholder in enumerate(["<noinput>", "<no input>", "No input", "N/A", "No input required."])
+        ],
+        # 9. unclear instructions
+        _defect("unclear_instruction", "drop", {"instruction": "???", "input": "", "output": "I am not sure."}),
+        _defect("unclear_instruction", "drop", {"instruction": "<instruction>", "input": "", "output": "Okay."}),
+        _defect("missing_input", "drop", {"instruction": "Summarize the following text.", "input": "",
+                "output": "The text is about a trip to the sea."}),
+        _defect("missing_input", "drop", {"instruction": "Translate this sentence into French.", "input": "<noinput>",
+                "output": "Je suis content."}),
+        # 10. control and escape characters
+        _defect("control_chars", "repair", {"instruction": "\ufeffName a primary color.  ", "input": "",
+                "output": "Red.\x00\x1b"}, {"instruction": "Name a primary color.", "input": "", "output": "Red."}),
+        _defect("control_chars", "repair", {"instruction": "Give two steps for baking bread.", "input": "",
+                "output": "First, mix the dough.\\nThen, bake it for 30 minutes.\\n"},
+                {"instruction": "Give two steps for baking bread.", "input": "",
+                 "output": "First, mix the dough.\nThen, bake it for 30 minutes."}),
+        _defect("control_chars", "repair", {"instruction": "Quote a greeting.", "input": "",
+                "output": 'He said \\"hello\\" to me.\r\nThen he left.'},
+                {"instruction": "Quote a greeting.", "input": "", "output": 'He said "hello" to me.\nThen he left.'}),
+        # duplicates of the clean rows `base`
+        _defect("duplicate", "drop", dict(base[0])),
+        _defect("near_duplicate", "drop", {k: v.upper() + " " for k, v in base[1].items()}),
+        _defect("near_duplicate", "drop", {**base[2], "output": base[2]["output"].rstrip(".!") + " ! "}),
+        # not usable as a row at all
+        _defect("invalid_row", "drop", {"instruction": 5, "input": "", "output": "five"}),
+        _defect("invalid_row", "drop", {"instruction": "Say hi.", "input": ["a"], "output": "hi"}),
+        _defect("invalid_row", "drop", {"input": "", "output": "an answer without a question"}),
+    ]  # fmt: skip
+    return out
+
+
+_WORDS = (
+    "time year people way day man thing woman life child world school state family student group country "
+    "problem hand part place case week company system program question work government number night point "
+    "home water room mother area money story fact month lot right study book eye job word business issue "
+    "side kind head house service friend father power hour game line end member law car city community name "
+    "president team minute idea kid body information back parent face others level office door health person "
+    "art war history party result change morning reason research girl guy moment air teacher force education "
+    "energy market plant river garden music science ocean forest island mountain planet machine network data "
+    "model language computer engine bridge island recipe travel weather climate economy culture festival"
+).split()
+_VERBS = "explain describe summarize compare list outline discuss analyze evaluate define".split()
+_OTHER_SCRIPTS = [
+    "学习新的语言很有趣。",
+    "Москва — большой город.",
+    "नई दिल्ली भारत की राजधानी है।",
+    "東京は大きいです。",
+]
+
+
+def _sentence(rng: random.Random, lo: int = 6, hi: int = 18) -> str:
+    words = rng.choices(_WORDS, k=rng.randint(lo, hi))
+    return " ".join(words).capitalize() + rng.choice(".....!?")
+
+
+def _text(rng: random.Random, chars: int) -> str:
+    parts: list[str] = []
+    n = 0
+    while n < chars:
+        s = _sentence(rng)
+        parts.append(s)
+        n += len(s) + 1
+    return " ".join(parts)
+
+
+def _sized_row(rng: random.Random, i: int) -> dict:
+    out_chars = min(4800, int(rng.lognormvariate(4.85, 0.9)))  # median ~130 chars, p99 ~1,050, capped
+    kind = rng.random()
+    if kind < 0.05:
+        fn = f"{rng.choice(_VERBS)}_{rng.choice(_WORDS)}_{i}"
+        body = "\n".join(
+            f"    {rng.choice(_WORDS)}_{j} = {rng.choice(_WORDS)}({j})"
+            for j in range(max(1, out_chars // 40))
+        )
+        return {
+            "instruction": f"Write a Python function named {fn} that processes a {rng.choice(_WORDS)}.",
+            "input": "",
+            "output": f"def {fn}(x):\n{body}\n    return x",
+        }
+    if kind < 0.07:
+        return {
+            "instruction": f"Translate the sentence into English ({i}).",
+            "input": rng.choice(_OTHER_SCRIPTS) + " " + _sentence(rng, 3, 6),
+            "output": _text(rng, out_chars),
+        }
+    topic = " ".join(rng.choices(_WORDS, k=rng.randint(2, 5)))
+    if kind < 0.45:
+        return {
+            "instruction": f"{rng.choice(_VERBS).capitalize()} the main point of the text about {topic}.",
+            "input": _text(rng, int(rng.lognormvariate(4.3, 0.7))),
+            "output": _text(rng, out_chars),
+        }
+    return {
+        "instruction": f"{rng.choice(_VERBS).capitalize()} the {topic} in a few sentences ({i}).",
+        "input": "",
+        "output": _text(rng, out_chars),
+    }
+
+
+def _inject(rng: random.Random, row: dict, kind: str, earlier: list[dict], i: int) -> dict:
+    if kind == "hallucination_bait":
+        return {**row, "instruction": "Summarize the article.", "input": f"https://example.com/news/{i}"}
+    if kind == "merged_instruction":
+        return {**row, "output": row["output"] + f"\n##\n{i % 20 + 1}. Instruction: {_sentence(rng)}\n"
+                f"{i % 20 + 1}. Input:\n<noinput>\n{i % 20 + 1}. Output:\n{_sentence(rng)}"}  # fmt: skip
+    if kind == "empty_output":
+        return {**row, "output": ""}
+    if kind == "empty_code":
+        return {"instruction": f"Write a Python function that sorts the {rng.choice(_WORDS)} list ({i}).",
+                "input": "", "output": "The function sorts the list and returns it."}  # fmt: skip
+    if kind == "nooutput":
+        return {"instruction": f"Generate an image of a {rng.choice(_WORDS)} ({i}).", "input": "",
+                "output": "<nooutput>"}  # fmt: skip
+    if kind == "na_output":
+        return {**row, "output": "N/A"}
+    if kind == "empty_input":
+        return {**row, "input": rng.choice(["<noinput>", "No input", "<no input>"])}
+    if kind == "unclear_instruction":
+        return {**row, "instruction": "?" * rng.randint(1, 4)}
+    if kind == "missing_input":
+        return {**row, "instruction": "Summarize the following text.", "input": ""}
+    if kind == "control_chars":
+        return {**row, "output": row["output"] + "\x00\x1b"}
+    if kind == "duplicate" and earlier:
+        return dict(rng.choice(earlier))
+    if kind == "near_duplicate" and earlier:
+        src = rng.choice(earlier)
+        return {k: v.upper() for k, v in src.items()}
+    return row
+
+
+DEFECT_KINDS = (
+    "hallucination_bait", "merged_instruction", "empty_output", "empty_code", "nooutput", "na_output",
+    "empty_input", "unclear_instruction", "missing_input", "control_chars", "duplicate", "near_duplicate",
+)  # fmt: skip
+
+
+def alpaca_sized_rows(
+    n: int, seed: int = 0, defect_fraction: float = 0.03, counts: dict[str, int] | None = None
+) -> list[dict]:
+    """`n` rows shaped like the original Alpaca set, for benchmarks: mean ~500 characters with the prompt
+    template (~128 tokens), a long tail (capped at ~4,800 characters of output), ~40% with an input, a few
+    code and non-English rows, and `defect_fraction` of the rows carrying one of the known defects (one kind
+    of `DEFECT_KINDS` each; `counts`, when given, receives how many rows of each kind were made)."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    recent: list[dict] = []  # clean rows that duplicates are copied from
+    for i in range(n):
+        row = _sized_row(rng, i)
+        if rng.random() < defect_fraction and (recent or i % len(DEFECT_KINDS) < 10):
+            kind = DEFECT_KINDS[i % len(DEFECT_KINDS)]
+            row = _inject(rng, row, kind, recent, i)
+            if counts is not None:
+                counts[kind] = counts.get(kind, 0) + 1
+        else:
+            recent.append(row)
+            if len(recent) > 500:
+                recent.pop(0)
+        rows.append(row)
+    return rows

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny models of each real architecture, built once per test session, offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "FALSE")
+
+ARCHS = ("llama", "bloom", "falcon")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dir) -> dict[str, str]:
+    """{arch: path} of tiny Llama, Bloom and Falcon models with their tokenizers."""
+    from pipeline_lib.tiny import materialize_tiny
+
+    return {arch: str(materialize_tiny(f"tiny:{arch}", tiny_dir)[0]) for arch in ARCHS}
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

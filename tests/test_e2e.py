@@ -1,0 +1,152 @@
+"""End to end: the smoke pipeline through a real MLflow server and a real Prefect server.
+
+1. `qabot up` starts MLflow + Prefect on free localhost ports under a fresh QABOT_HOME;
+2. `qabot run --profile smoke` trains the three tiny architectures with real 4-bit QLoRA, merges, answers;
+3. MLflow holds one parent run with 3 child runs, step-wise loss, artifacts, an answer per question and model;
+4. the smoke deployment, run through the process worker, finds every heavy task Cached;
+5. bad data stops the flow in the data stage with one line, and the parent run is not marked successful;
+6. `qabot down` stops exactly what was started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = {"acquire-data", "clean-data", "tokenize", "train", "merge", "answer-questions"}
+
+
+def _qabot(env, *args, timeout=900):
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    return proc, time.time() - t0
+
+
+def _post(url, body):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _task_states(prefect_url, flow_run_id):
+    runs = _post(f"{prefect_url}/api/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200})
+    out: dict[str, list[str]] = {}
+    for r in runs:
+        name = r["name"].rsplit("-", 1)[0]
+        out.setdefault(name, []).append(r["state"]["name"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("qabot-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(QABOT_HOME=str(home), PYTHONUNBUFFERED="1")
+    # free ports, never the defaults a developer's own `qabot up` may hold
+    from flows.services import free_port
+
+    proc = subprocess.run([sys.executable, "-c", (
+        "from flows import services; import json;"
+        f"st = services.up(mlflow_port={free_port()}, prefect_port={free_port()}, worker=True);"
+        "print(json.dumps(st))")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads(proc.stdout.strip().splitlines()[-1])
+    yield {"home": home, "env": env, "state": state}
+    proc, _ = _qabot(env, "down")
+    assert proc.returncode == 0, proc.stderr
+    for pid in state["pids"].values():
+        for _ in range(50):
+            try:
+                os.kill(pid, 0)
+                time.sleep(0.2)
+            except OSError:
+                break
+        else:
+            pytest.fail(f"process {pid} still running after `qabot down`")
+
+
+def test_smoke_pipeline_end_to_end(stack):
+    from mlflow import MlflowClient
+
+    env, st = stack["env"], stack["state"]
+    proc, first = _qabot(env, "run", "--profile", "smoke", "--no-services")
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    summary = json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])
+
+    client = MlflowClient(tracking_uri=st["mlflow_url"])
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 3
+    assert {c.data.tags["qabot.arch"] for c in children} == {"llama", "bloom", "falcon"}
+    for c in children:
+        rid = c.info.run_id
+        loss = client.get_metric_history(rid, "loss")
+        assert len({m.step for m in loss}) > 1, "step-wise loss"
+        assert client.get_metric_history(rid, "learning_rate")
+        assert c.data.metrics["preflight.share_4bit"] == 1.0
+        assert c.data.metrics["preflight.footprint_gib"] < c.data.metrics["preflight.bf16_footprint_gib"]
+        assert "eval_loss" in c.data.metrics
+        assert any(k.startswith("system/") for k in c.data.metrics), "MLflow system metrics"
+        for p in ("base_model", "dataset_fingerprint", "lora.r", "quant.quant_type", "epochs", "batch_size"):
+            assert p in c.data.params, p
+        arts = {a.path for a in client.list_artifacts(rid)}
+        assert {"adapter", "preflight.json", "answers.jsonl"} <= arts, arts
+        versions = client.search_model_versions(f"run_id = '{rid}'")
+        assert versions, "merged model registered"
+    parent_arts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
+    assert {"comparison/answers.csv", "comparison/curves.png", "comparison/report.md"} <= parent_arts
+    answers = Path(summary["report_dir"]) / "answers.csv"
+    import pandas as pd
+
+    table = pd.read_csv(answers)
+    assert len(table) == 15
+    for model in ("llama-tiny", "bloom-tiny", "falcon-tiny"):
+        assert table[model].notna().all(), model
+
+    states = _task_states(st["prefect_url"], summary["flow_run_id"])
+    assert HEAVY <= set(states), states
+
+    # Second run, through the deployment and the process worker: every heavy task is Cached.
+    proc, second = _qabot(env, "demo")
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    assert "Prefect flow run: http://127.0.0.1" in proc.stdout and "MLflow parent run: http://127.0.0.1" in proc.stdout
+    flow_run_id = proc.stdout.split("/runs/flow-run/")[1].split()[0]
+    states = _task_states(st["prefect_url"], flow_run_id)
+    for name in HEAVY:
+        assert states.get(name) and all(s == "Cached" for s in states[name]), (name, states.get(name))
+    print(f"\nfirst run {first:.1f} s, cached rerun through the worker {second:.1f} s ({second / first:.0%})")
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [(None, "not found"), ("{not json", "JSON"), ('[{"question": "a", "answer": "b"}]', "Alpaca")],
+)
+def test_bad_data_stops_in_the_data_stage(stack, tmp_path, content, needle):
+    from mlflow import MlflowClient
+
+    data = tmp_path / "data.json"
+    if content is not None:
+        data.write_text(content)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"profile: smoke\nname: bad-data\ndata:\n  source: {data}\ntracking:\n  experiment: bad-data\n")
+    proc, _ = _qabot(stack["env"], "run", "--config", str(cfg), "--no-services", timeout=300)
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert err and err[-1].startswith("qabot: error:") and needle in err[-1], proc.stderr[-2000:]
+    assert "Traceback" not in err[-1]
+    client = MlflowClient(tracking_uri=stack["state"]["mlflow_url"])
+    exp = client.get_experiment_by_name("bad-data")
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    assert all(r.info.status != "FINISHED" for r in runs)
