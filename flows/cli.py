@@ -103,6 +103,9 @@ def cmd_status(args) -> int:
 
 def cmd_run(args) -> int:
     cfg = _load(args)
+    from pipeline_lib.preflight import require
+
+    require(cfg)  # seconds: stop before starting anything when the Hub, a file or the GPU is missing
     if args.no_track:
         os.environ["MLFLOW_TRACKING_URI"] = "off"
     _use_services(start=not args.no_services)

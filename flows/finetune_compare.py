@@ -40,6 +40,7 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
     logger = get_run_logger()
     tracking = _tracking(config)
     slice_ = _train_slice(config)
+    stages.preflight(config)
     parent = stages.start_parent_run(config, tracking, flow_run.get_id())
     try:
         acquired = stages.acquire_data(config.data)

@@ -127,6 +127,13 @@ def answer_questions(merged: dict, model_name: str, inference: dict, device: str
     return result
 
 
+@task(name="preflight", cache_policy=NO_CACHE)
+def preflight(config: RunConfig) -> None:
+    from pipeline_lib.preflight import require
+
+    require(config)
+
+
 @task(name="start-parent-run", cache_policy=NO_CACHE)
 def start_parent_run(config: RunConfig, tracking: dict, flow_run_id: str | None) -> str | None:
     tracker = make_tracker(TrackingTarget(tracking.get("uri"), tracking["experiment"]))

@@ -1,0 +1,72 @@
+"""Run-level pre-flight: everything a run needs from outside, checked in seconds before any work starts.
+
+Hugging Face ids (data set and models) must be reachable or already cached, local files must exist, a
+requested CUDA device must be present. All problems are reported together, in one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline_lib.config import RunConfig
+
+
+class RunPreflightError(RuntimeError):
+    """One line listing everything the run cannot get."""
+
+
+def _hub_reachable(kind: str, repo: str, revision: str | None, timeout: float) -> str | None:
+    from huggingface_hub import HfApi
+
+    from pipeline_lib.modeling import _call_with_deadline, _cached_snapshot, _one_line
+
+    api = HfApi()
+    fn = api.dataset_info if kind == "dataset" else api.model_info
+    try:
+        _call_with_deadline(lambda: fn(repo, revision=revision, timeout=timeout), timeout + 1)
+        return None
+    except Exception as err:  # offline, unknown, gated, timeout
+        if kind == "model" and _cached_snapshot(repo, revision, None) is not None:
+            return None
+        return f"cannot fetch {kind} {repo} from the Hugging Face Hub ({_one_line(err, 120)})"
+
+
+def check_run(config: RunConfig, timeout: float = 5.0) -> list[str]:
+    """Problems that would stop `config` later; [] when none."""
+    from pipeline_lib.data import source_kind
+    from pipeline_lib.tiny import is_tiny
+
+    problems: list[str] = []
+    src = config.data.source
+    kind = source_kind(src)
+    if kind == "hf":
+        p = _hub_reachable("dataset", src.removeprefix("hf://"), config.data.revision, timeout)
+        if p:
+            problems.append(p)
+    elif kind == "file" and not Path(src).expanduser().is_file():
+        problems.append(f"data.source: {src}: file not found")
+    for i, m in enumerate(config.models):
+        base = m.base_model
+        if is_tiny(base) or Path(base).expanduser().is_dir():
+            continue
+        if base.startswith((".", "/", "~")):
+            problems.append(f"models.{i}.base_model: {base}: not a model directory")
+            continue
+        p = _hub_reachable("model", base, m.revision, timeout)
+        if p:
+            problems.append(p)
+    qs = config.inference.question_set
+    if qs and not Path(qs).is_file():
+        problems.append(f"inference.question_set: {qs}: file not found")
+    if config.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("device: 'cuda' requested but no CUDA GPU is visible")
+    return problems
+
+
+def require(config: RunConfig, timeout: float = 5.0) -> None:
+    problems = check_run(config, timeout)
+    if problems:
+        raise RunPreflightError("; ".join(problems))
