@@ -29,10 +29,14 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), name)
 
 
-def call(target: str, payload: dict, *, isolate: bool = True, log_path: str | Path | None = None) -> Any:
-    """Call `module:function(**payload)`, in a child process when `isolate` (the default)."""
+def call(
+    target: str, payload: dict, *, isolate: bool = True, log_path: str | Path | None = None, label: str = ""
+) -> Any:
+    """Call `module:function(**payload)`, in a child process when `isolate` (the default). `label` (e.g.
+    "train llama-3b") prefixes the error message."""
     if not isolate:
         return _resolve(target)(**payload)
+    prefix = f"{label}: " if label else ""
     with tempfile.TemporaryDirectory(prefix="qabot-stage-") as tmp:
         arg_file, out_file = Path(tmp, "args.json"), Path(tmp, "result.json")
         arg_file.write_text(json.dumps({"target": target, "payload": payload}, default=str))
@@ -47,10 +51,12 @@ def call(target: str, payload: dict, *, isolate: bool = True, log_path: str | Pa
         if out_file.exists():
             res = json.loads(out_file.read_text())
             if "error" in res:
-                raise StageError(res["error"]["message"], res["error"]["type"], tail)
+                raise StageError(prefix + res["error"]["message"], res["error"]["type"], tail)
             if proc.returncode == 0:
                 return res["result"]
-        raise StageError(f"{target} ended with exit code {proc.returncode} before returning a result", "", tail)
+        raise StageError(
+            f"{prefix}{target} ended with exit code {proc.returncode} before returning a result (log: {log})", "", tail
+        )
 
 
 def _main(arg_file: str, out_file: str) -> int:

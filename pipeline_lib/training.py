@@ -111,7 +111,8 @@ def plan_memory(
     gc_setting = settings.gradient_checkpointing
     if device != "cuda" or budget_gib is None:
         gc = gc_setting == "on"
-        return MemoryPlan(batch_size, 1, gc, settings.tokens_per_micro_batch, budget_gib, "no GPU memory budget")
+        tokens = settings.tokens_per_micro_batch or batch_size * max_length
+        return MemoryPlan(batch_size, 1, gc, tokens, budget_gib, "no GPU memory budget")
     usable = budget_gib * 0.85 - weights_gib - 0.6  # allocator slack, CUDA context, LoRA + optimizer state
     if usable <= 0:
         raise RuntimeError(
@@ -237,14 +238,14 @@ def _mlflow_callback(run_id: str, resumed: bool):
     """The Trainer's own MLflow callback, made safe for resumed runs: parameters are logged once, and steps
     already in the run (logged before a kill, after the last checkpoint) are not logged twice."""
     from mlflow import MlflowClient
-    from transformers.integrations import MLFlowCallback
+    from transformers.integrations import MLflowCallback
 
     floor = -1
     if resumed:
         hist = MlflowClient().get_metric_history(run_id, "loss")
         floor = max((m.step for m in hist), default=-1)
 
-    class ResumableMLflowCallback(MLFlowCallback):
+    class ResumableMLflowCallback(MLflowCallback):
         def setup(self, args, state, model):
             params = MlflowClient().get_run(run_id).data.params
             if "per_device_train_batch_size" in params:  # already logged by an earlier attempt

@@ -96,7 +96,7 @@ def train_model(model: dict, tokenized: dict, spec: ModelSpec, config: dict, par
         "system_metrics": config["system_metrics"], "use_fast_tokenizer": spec.use_fast_tokenizer,
     }
     return isolation.call("pipeline_lib.training:train_stage", {"job": payload},
-                          isolate=config["process_isolation"], log_path=out / "train.log")
+                          isolate=config["process_isolation"], log_path=out / "train.log", label=f"train {spec.name}")
 
 
 @task(name="merge", cache_policy=CACHED_TRACKED, persist_result=True)
@@ -107,7 +107,7 @@ def merge_model(trained: dict, model: dict, config: dict, tracking: dict, regist
                "tracking_uri": tracking.get("uri"), "experiment": tracking["experiment"],
                "registered_name": registered_name, "log_model": config["log_merged_model"]}
     return isolation.call("pipeline_lib.merge:merge_stage", payload, isolate=config["process_isolation"],
-                          log_path=out.with_suffix(".log"))
+                          log_path=out.with_suffix(".log"), label=f"merge {trained['model_name']}")
 
 
 @task(name="answer-questions", cache_policy=CACHED_TRACKED, persist_result=True)
@@ -118,7 +118,7 @@ def answer_questions(merged: dict, model_name: str, inference: dict, device: str
         "pipeline_lib.inference:answer_question_set",
         {"model_dir": merged["merged_dir"], "out_path": str(out / "answers.jsonl"), "model_name": model_name,
          "settings": inference, "device": device},
-        isolate=isolate, log_path=out / "answer.log",
+        isolate=isolate, log_path=out / "answer.log", label=f"answer {model_name}",
     )
     tracker = make_tracker(TrackingTarget(tracking.get("uri"), tracking["experiment"]))
     if run_id:
