@@ -37,7 +37,11 @@ def _one_line(err: BaseException) -> str:
 def _load(args) -> object:
     from pipeline_lib.config import load_config, parse_config
 
-    cfg = load_config(profile=args.profile, path=args.config) if args.config else load_config(args.profile or "smoke")
+    cfg = (
+        load_config(profile=args.profile, path=args.config)
+        if args.config
+        else load_config(args.profile or "smoke")
+    )
     if getattr(args, "set", None):
         data = cfg.model_dump(mode="json")
         for item in args.set:
@@ -183,7 +187,11 @@ def cmd_data_prepare(args) -> int:
     cfg = DataConfig(source=args.source, revision=args.revision, sha256=args.sha256)
     res = prepare(args.source, Path(args.out), cfg)
     d = res.to_dict()
-    print(json.dumps({k: d[k] for k in ("clean_path", "audit_path", "rows_in", "rows_out", "fingerprint")}, indent=2))
+    print(
+        json.dumps(
+            {k: d[k] for k in ("clean_path", "audit_path", "rows_in", "rows_out", "fingerprint")}, indent=2
+        )
+    )
     return 0
 
 
@@ -206,8 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     def cfg_args(sp):
         sp.add_argument("--profile", choices=["smoke", "report"], default=None, help="preset (default smoke)")
         sp.add_argument("--config", help="YAML/JSON RunConfig file")
-        sp.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set models.0.max_steps=20 (repeatable)")
+        sp.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override one setting, e.g. --set models.0.max_steps=20 (repeatable)",
+        )
 
     sp = sub.add_parser("up", help="start MLflow, Prefect and a process worker")
     sp.add_argument("--no-worker", action="store_true")

@@ -30,6 +30,7 @@ def _train_slice(config: RunConfig) -> dict:
         "device": config.device,
         "process_isolation": config.process_isolation,
         "system_metrics": config.tracking.system_metrics,
+        "system_metrics_interval_s": config.tracking.system_metrics_interval_s,
         "log_merged_model": config.tracking.log_merged_model,
     }
 
@@ -54,20 +55,47 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
             trained = stages.train_model(model, tokenized, spec, slice_, parent, tracking)
             registered = f"{config.name}-{spec.name}" if config.tracking.register_models else None
             merged = stages.merge_model(trained, model, slice_, tracking, registered)
-            answers = stages.answer_questions(merged, spec.name, config.inference.model_dump(mode="json"),
-                                              config.device, config.process_isolation, trained["run_id"], tracking)
-            results.append({"model_name": spec.name, "base_model": spec.base_model, "train": trained,
-                            "merge": merged, "answers": answers})
-            logger.info("%s: train loss %.4f, eval loss %.4f, fact accuracy %s", spec.name,
-                        trained["metrics"]["train_loss"], trained["metrics"]["eval_loss"], answers["fact_accuracy"])
-        report = stages.compare_models(results, parent, tracking, f"{config.name}: {', '.join(r['model_name'] for r in results)}")
+            answers = stages.answer_questions(
+                merged,
+                spec.name,
+                config.inference.model_dump(mode="json"),
+                config.device,
+                config.process_isolation,
+                trained["run_id"],
+                tracking,
+            )
+            results.append(
+                {
+                    "model_name": spec.name,
+                    "base_model": spec.base_model,
+                    "train": trained,
+                    "merge": merged,
+                    "answers": answers,
+                }
+            )
+            logger.info(
+                "%s: train loss %.4f, eval loss %.4f, fact accuracy %s",
+                spec.name,
+                trained["metrics"]["train_loss"],
+                trained["metrics"]["eval_loss"],
+                answers["fact_accuracy"],
+            )
+        report = stages.compare_models(
+            results, parent, tracking, f"{config.name}: {', '.join(r['model_name'] for r in results)}"
+        )
         summary = {
             "flow_run_id": str(flow_run.get_id()),
             "parent_run_id": parent,
             "parent_run_url": report["parent_run_url"],
             "report_dir": report["report_dir"],
-            "models": {r["model_name"]: {"child_run_id": r["train"]["run_id"], **r["train"]["metrics"],
-                                         "fact_accuracy": r["answers"]["fact_accuracy"]} for r in results},
+            "models": {
+                r["model_name"]: {
+                    "child_run_id": r["train"]["run_id"],
+                    **r["train"]["metrics"],
+                    "fact_accuracy": r["answers"]["fact_accuracy"],
+                }
+                for r in results
+            },
         }
         stages.finish_parent_run(parent, tracking, "FINISHED", summary)
         return summary

@@ -88,8 +88,9 @@ def _spawn(name: str, cmd: list[str], env: dict, home: Path) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{name}.log"
     with log.open("ab") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_DIR,
-                                start_new_session=True)  # its own process group: `down` stops it whole
+        proc = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_DIR, start_new_session=True
+        )  # its own process group: `down` stops it whole
     (home / "pids").mkdir(exist_ok=True)
     (home / "pids" / f"{name}.pid").write_text(str(proc.pid))
     return proc.pid
@@ -108,15 +109,23 @@ def service_env(home: Path | None = None) -> dict[str, str]:
     return {k: v for k, v in env.items() if v}
 
 
-def up(home: Path | None = None, mlflow_port: int | None = None, prefect_port: int | None = None,
-       worker: bool = True) -> dict:
+def up(
+    home: Path | None = None,
+    mlflow_port: int | None = None,
+    prefect_port: int | None = None,
+    worker: bool = True,
+) -> dict:
     """Start whatever is not running yet; return the state (URLs, pids)."""
     home = home or qabot_home()
     home.mkdir(parents=True, exist_ok=True)
     state = read_state(home)
     pids = state.setdefault("pids", {})
-    base_env = {**os.environ, "QABOT_HOME": str(home), "PREFECT_HOME": str(home / "prefect"),
-                "PYTHONUNBUFFERED": "1"}
+    base_env = {
+        **os.environ,
+        "QABOT_HOME": str(home),
+        "PREFECT_HOME": str(home / "prefect"),
+        "PYTHONUNBUFFERED": "1",
+    }
     bindir = Path(sys.executable).parent
 
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -126,7 +135,12 @@ def up(home: Path | None = None, mlflow_port: int | None = None, prefect_port: i
         port = mlflow_port or free_port(DEFAULT_PORTS["mlflow"])
         store = home / "mlflow"
         store.mkdir(exist_ok=True)
-        env = {**base_env, "MLFLOW_PORT": str(port), "MLFLOW_HOME": str(store), "MLFLOW_BIN": str(bindir / "mlflow")}
+        env = {
+            **base_env,
+            "MLFLOW_PORT": str(port),
+            "MLFLOW_HOME": str(store),
+            "MLFLOW_BIN": str(bindir / "mlflow"),
+        }
         pid = _spawn("mlflow", ["bash", str(PROJECT_DIR / "mlflow" / "start.sh")], env, home)
         state["mlflow_url"] = f"http://127.0.0.1:{port}"
         pids["mlflow"] = pid
@@ -135,13 +149,24 @@ def up(home: Path | None = None, mlflow_port: int | None = None, prefect_port: i
     if os.environ.get("PREFECT_API_URL"):
         state["prefect_url"] = os.environ["PREFECT_API_URL"].removesuffix("/api")
         state["prefect_external"] = True
-    elif not (pids.get("prefect") and _alive(pids["prefect"]) and _healthy(state["prefect_url"] + "/api/health")):
+    elif not (
+        pids.get("prefect") and _alive(pids["prefect"]) and _healthy(state["prefect_url"] + "/api/health")
+    ):
         port = prefect_port or free_port(DEFAULT_PORTS["prefect"])
-        env = {**base_env, "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
-               "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false"}
-        pid = _spawn("prefect", [str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port)], env, home)
+        env = {
+            **base_env,
+            "PREFECT_SERVER_API_HOST": "127.0.0.1",
+            "PREFECT_SERVER_API_PORT": str(port),
+            "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+        }
+        pid = _spawn(
+            "prefect",
+            [str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env,
+            home,
+        )
         state["prefect_url"] = f"http://127.0.0.1:{port}"
         pids["prefect"] = pid
         _wait(state["prefect_url"] + "/api/health", "Prefect server", pid, home / "logs" / "prefect.log")
@@ -149,10 +174,19 @@ def up(home: Path | None = None, mlflow_port: int | None = None, prefect_port: i
     _state_file(home).write_text(json.dumps(state, indent=2))
     cenv = {**base_env, **service_env(home)}
     if worker and not (pids.get("worker") and _alive(pids["worker"])):
-        subprocess.run([str(bindir / "prefect"), "work-pool", "create", WORK_POOL, "--type", "process",
-                        "--overwrite"], env=cenv, cwd=PROJECT_DIR, check=True, capture_output=True)
-        pids["worker"] = _spawn("worker", [str(bindir / "prefect"), "worker", "start", "--pool", WORK_POOL,
-                                           "--type", "process"], cenv, home)
+        subprocess.run(
+            [str(bindir / "prefect"), "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"],
+            env=cenv,
+            cwd=PROJECT_DIR,
+            check=True,
+            capture_output=True,
+        )
+        pids["worker"] = _spawn(
+            "worker",
+            [str(bindir / "prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"],
+            cenv,
+            home,
+        )
     _state_file(home).write_text(json.dumps(state, indent=2))
     return state
 
@@ -188,7 +222,8 @@ def deploy(home: Path | None = None) -> None:
     home = home or qabot_home()
     env = {**os.environ, **service_env(home), "QABOT_PROJECT_DIR": str(PROJECT_DIR)}
     prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
-    proc = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=PROJECT_DIR,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=PROJECT_DIR, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise ServiceError("prefect deploy failed:\n" + (proc.stdout + proc.stderr)[-3000:])

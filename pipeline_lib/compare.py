@@ -32,8 +32,15 @@ def curves(histories: dict[str, list[dict]]) -> pd.DataFrame:
     for model, hist in histories.items():
         for h in hist:
             if "loss" in h or "learning_rate" in h:
-                rows.append({"model": model, "step": h.get("step"), "epoch": h.get("epoch"),
-                             "loss": h.get("loss"), "learning_rate": h.get("learning_rate")})
+                rows.append(
+                    {
+                        "model": model,
+                        "step": h.get("step"),
+                        "epoch": h.get("epoch"),
+                        "loss": h.get("loss"),
+                        "learning_rate": h.get("learning_rate"),
+                    }
+                )
     return pd.DataFrame(rows, columns=["model", "step", "epoch", "loss", "learning_rate"])
 
 
@@ -69,21 +76,23 @@ def cost_table(results: list[dict]) -> pd.DataFrame:
     for r in results:
         m = r["train"]["metrics"]
         ans = r.get("answers", {})
-        rows.append({
-            "model": r["model_name"],
-            "base_model": r["base_model"],
-            "train_loss": m.get("train_loss"),
-            "eval_loss": m.get("eval_loss"),
-            "steps": m.get("steps"),
-            "train_time_s": m.get("train_runtime_s"),
-            "real_tokens_per_s": m.get("real_tokens_per_s"),
-            "peak_memory_gib": m.get("peak_memory_gib"),
-            "share_4bit": r["train"].get("quantization", {}).get("share_4bit"),
-            "footprint_gib": r["train"].get("quantization", {}).get("footprint_bytes", 0) / 1024**3,
-            "fact_accuracy": ans.get("fact_accuracy"),
-            "mean_score": ans.get("mean_score"),
-            "answer_time_s": ans.get("seconds"),
-        })
+        rows.append(
+            {
+                "model": r["model_name"],
+                "base_model": r["base_model"],
+                "train_loss": m.get("train_loss"),
+                "eval_loss": m.get("eval_loss"),
+                "steps": m.get("steps"),
+                "train_time_s": m.get("train_runtime_s"),
+                "real_tokens_per_s": m.get("real_tokens_per_s"),
+                "peak_memory_gib": m.get("peak_memory_gib"),
+                "share_4bit": r["train"].get("quantization", {}).get("share_4bit"),
+                "footprint_gib": r["train"].get("quantization", {}).get("footprint_bytes", 0) / 1024**3,
+                "fact_accuracy": ans.get("fact_accuracy"),
+                "mean_score": ans.get("mean_score"),
+                "answer_time_s": ans.get("seconds"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -142,4 +151,7 @@ def build_report(results: list[dict], out_dir: str | Path, title: str = "qabot c
         "",
     ]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
-    return {name: str(out / name) for name in ("answers.csv", "curves.csv", "curves.png", "costs.csv", "report.md")}
+    return {
+        name: str(out / name)
+        for name in ("answers.csv", "curves.csv", "curves.png", "costs.csv", "report.md")
+    }

@@ -222,6 +222,9 @@ class TrackingSettings(_Strict):
         True, description="Register each merged model in the MLflow model registry."
     )
     system_metrics: bool = Field(True, description="Sample CPU/GPU/memory with MLflow system metrics.")
+    system_metrics_interval_s: float = Field(
+        10.0, ge=0.5, description="Seconds between system-metric samples (GPU utilisation through pynvml)."
+    )
     log_merged_model: bool = Field(True, description="Upload the merged model directory as a run artifact.")
 
 

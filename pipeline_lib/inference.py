@@ -27,7 +27,9 @@ def load_for_inference(model_dir: str | Path, device: str):
     return model, tokenizer
 
 
-def generate_answers(model, tokenizer, prompts: list[str], settings: InferenceSettings, device: str) -> list[dict]:
+def generate_answers(
+    model, tokenizer, prompts: list[str], settings: InferenceSettings, device: str
+) -> list[dict]:
     """Greedy (or sampled) answers to `prompts`, `settings.batch_size` at a time; new tokens only."""
     import torch
 
@@ -55,8 +57,13 @@ def generate_answers(model, tokenizer, prompts: list[str], settings: InferenceSe
             if tokenizer.eos_token_id in ids:
                 ids = ids[: ids.index(tokenizer.eos_token_id)]
             ids = [i for i in ids if i != tokenizer.pad_token_id]
-            out.append({"answer": tokenizer.decode(ids, skip_special_tokens=True).strip(), "new_tokens": len(ids),
-                        "batch_seconds": dt})
+            out.append(
+                {
+                    "answer": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                    "new_tokens": len(ids),
+                    "batch_seconds": dt,
+                }
+            )
     return out
 
 
@@ -78,11 +85,21 @@ def answer_question_set(
     answers = generate_answers(model, tokenizer, [build_prompt(q.question) for q in questions], s, device)
     seconds = time.time() - t0
     rows = []
-    for q, a in zip(questions, answers):
+    for q, a in zip(questions, answers, strict=True):
         sc = score_answer(q, a["answer"])
-        rows.append({"model": model_name, "id": q.id, "question": q.question, "kind": q.kind,
-                     "answer": a["answer"], "new_tokens": a["new_tokens"], "score": sc["score"],
-                     "matched": sc["matched"], "score_method": sc["method"]})
+        rows.append(
+            {
+                "model": model_name,
+                "id": q.id,
+                "question": q.question,
+                "kind": q.kind,
+                "answer": a["answer"],
+                "new_tokens": a["new_tokens"],
+                "score": sc["score"],
+                "matched": sc["matched"],
+                "score_method": sc["method"],
+            }
+        )
     path = Path(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -45,7 +45,9 @@ def call(
         with log.open("ab") as fh:
             proc = subprocess.run(
                 [sys.executable, "-m", "pipeline_lib.isolation", str(arg_file), str(out_file)],
-                stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
         if out_file.exists():
@@ -55,7 +57,9 @@ def call(
             if proc.returncode == 0:
                 return res["result"]
         raise StageError(
-            f"{prefix}{target} ended with exit code {proc.returncode} before returning a result (log: {log})", "", tail
+            f"{prefix}{target} ended with exit code {proc.returncode} before returning a result (log: {log})",
+            "",
+            tail,
         )
 
 

@@ -39,7 +39,9 @@ def merge_stage(
 
     merge_info = modeling.merge_adapter(base_path, adapter_dir, out, device=device)
     tokenizer = load_tokenizer(out)
-    fidelity = modeling.merge_fidelity(base_path, adapter_dir, out, q, tokenizer, FIDELITY_TEXTS, device=device)
+    fidelity = modeling.merge_fidelity(
+        base_path, adapter_dir, out, q, tokenizer, FIDELITY_TEXTS, device=device
+    )
     result: dict[str, Any] = {
         "merged_dir": str(out),
         "fingerprint": directory_fingerprint(out),
@@ -50,7 +52,9 @@ def merge_stage(
     write_json(out.parent / f"{out.name}.merge.json", result)
     tracker = make_tracker(TrackingTarget(tracking_uri, experiment))
     if run_id and isinstance(tracker, MlflowTracker):
-        tracker.log_metrics(run_id, {f"merge.{k}": v for k, v in fidelity.items() if isinstance(v, (int, float))})
+        tracker.log_metrics(
+            run_id, {f"merge.{k}": v for k, v in fidelity.items() if isinstance(v, (int, float))}
+        )
         tracker.log_dict(run_id, {"merge": merge_info, "fidelity": fidelity}, "merge.json")
         if log_model:
             result["registered"] = tracker.register_model_dir(run_id, out, registered_name)

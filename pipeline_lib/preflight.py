@@ -18,7 +18,7 @@ class RunPreflightError(RuntimeError):
 def _hub_reachable(kind: str, repo: str, revision: str | None, timeout: float) -> str | None:
     from huggingface_hub import HfApi
 
-    from pipeline_lib.modeling import _call_with_deadline, _cached_snapshot, _one_line
+    from pipeline_lib.modeling import _cached_snapshot, _call_with_deadline, _one_line
 
     api = HfApi()
     fn = api.dataset_info if kind == "dataset" else api.model_info

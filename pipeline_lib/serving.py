@@ -30,4 +30,6 @@ class QABotModel(mlflow.pyfunc.PythonModel):
         else:
             prompts = [build_prompt(str(q)) for q in model_input]
         settings = InferenceSettings(**(params or {}))
-        return [a["answer"] for a in generate_answers(self.model, self.tokenizer, prompts, settings, self.device)]
+        return [
+            a["answer"] for a in generate_answers(self.model, self.tokenizer, prompts, settings, self.device)
+        ]

@@ -30,9 +30,7 @@ class TrackingTarget:
 
 
 class Tracker(Protocol):
-    def start_run(
-        self, name: str, *, parent_id: str | None = None, tags: dict | None = None
-    ) -> str: ...
+    def start_run(self, name: str, *, parent_id: str | None = None, tags: dict | None = None) -> str: ...
     def resume_run(self, run_id: str) -> None: ...
     def run_status(self, run_id: str) -> str | None: ...
     def log_params(self, run_id: str, params: dict[str, Any]) -> None: ...
@@ -176,14 +174,14 @@ class MlflowTracker:
     def register_model_dir(self, run_id: str, model_dir: str | Path, registered_name: str | None) -> dict:
         """Log a saved transformers model directory as an MLflow pyfunc model (questions in, answers out,
         same prompt template as training) and register it under `registered_name`."""
-        import mlflow
-
         from mlflow.models import infer_signature
 
+        import mlflow
         from pipeline_lib.serving import QABotModel
 
         signature = infer_signature(
-            ["What is the capital city of Australia?"], ["Canberra."],
+            ["What is the capital city of Australia?"],
+            ["Canberra."],
             params={"max_new_tokens": 128, "do_sample": False, "temperature": 0.7, "repetition_penalty": 1.1},
         )
         mlflow.set_tracking_uri(self.target.uri)
@@ -240,7 +238,9 @@ def target_from_env(experiment: str) -> TrackingTarget:
 def write_json(path: str | Path, data: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as f:
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
+    ) as f:
         json.dump(data, f, indent=2, ensure_ascii=False, default=str)
         tmp = f.name
     os.replace(tmp, path)

@@ -51,6 +51,7 @@ class TrainJob:
     system_metrics: bool = True
     use_fast_tokenizer: bool | None = None
     extra_tags: dict = field(default_factory=dict)
+    token_stats: dict = field(default_factory=dict)  # length statistics of the tokenized training split
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec.model_validate(self.spec)

@@ -14,7 +14,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
-from pipeline_lib import isolation, paths
+from pipeline_lib import isolation, jobs, paths
 from pipeline_lib.config import DataConfig, ModelSpec, RunConfig, fingerprint, qabot_home
 from pipeline_lib.tracking import TrackingTarget, make_tracker
 
@@ -37,8 +37,14 @@ def _acquire_key(context, parameters) -> str:
     return "acquire:" + paths.source_probe(d.source, d.revision, d.sha256)
 
 
-@task(name="acquire-data", cache_key_fn=_acquire_key, persist_result=True, retries=3,
-      retry_delay_seconds=[2, 5, 15], retry_condition_fn=_network_error)
+@task(
+    name="acquire-data",
+    cache_key_fn=_acquire_key,
+    persist_result=True,
+    retries=3,
+    retry_delay_seconds=[2, 5, 15],
+    retry_condition_fn=_network_error,
+)
 def acquire_data(data: DataConfig) -> dict:
     from dataclasses import asdict
 
@@ -55,13 +61,21 @@ def clean_data(acquired: dict, data: DataConfig) -> dict:
     out = paths.stage_dir("data", "clean", acquired["sha256"], data.model_dump_json())
     prepared = clean_acquired(acquired, out, data)
     audit = prepared.audit_dict()
-    create_table_artifact(audit_table(audit), key="data-audit",
-                          description=f"Cleaning audit: {audit['rows_in']} rows in, {audit['rows_out']} kept")
+    create_table_artifact(
+        audit_table(audit),
+        key="data-audit",
+        description=f"Cleaning audit: {audit['rows_in']} rows in, {audit['rows_out']} kept",
+    )
     return prepared.to_dict()
 
 
-@task(name="resolve-model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 15],
-      retry_condition_fn=_network_error)
+@task(
+    name="resolve-model",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[5, 15],
+    retry_condition_fn=_network_error,
+)
 def resolve_model(spec: ModelSpec) -> dict:
     from dataclasses import asdict
 
@@ -74,56 +88,78 @@ def resolve_model(spec: ModelSpec) -> dict:
 def tokenize_data(prepared: dict, model: dict, max_length: int, use_fast: bool | None) -> dict:
     from pipeline_lib.tokenization import tokenize_prepared
 
-    out = paths.stage_dir("tokenized", model["name"], prepared["fingerprint"], model["fingerprint"], max_length, use_fast)
-    result = tokenize_prepared(prepared, model["path"], max_length, out, use_fast=use_fast,
-                               base_model=model["base_model"])
+    out = paths.stage_dir(
+        "tokenized", model["name"], prepared["fingerprint"], model["fingerprint"], max_length, use_fast
+    )
+    result = tokenize_prepared(
+        prepared, model["path"], max_length, out, use_fast=use_fast, base_model=model["base_model"]
+    )
     get_run_logger().info("%s: %s", model["name"], result["train"]["length_stats"])
     return result
 
 
 @task(name="train", cache_policy=CACHED_TRACKED, persist_result=True)
-def train_model(model: dict, tokenized: dict, spec: ModelSpec, config: dict, parent_run_id: str | None,
-                tracking: dict) -> dict:
+def train_model(
+    model: dict, tokenized: dict, spec: ModelSpec, config: dict, parent_run_id: str | None, tracking: dict
+) -> dict:
     out = paths.stage_dir("runs", spec.name, model["fingerprint"], tokenized["fingerprint"], config)
-    payload = {
-        "model_name": spec.name, "base_model": spec.base_model, "base_path": model["path"],
-        "base_revision": model.get("revision"), "base_fingerprint": model["fingerprint"], "arch": model["arch"],
-        "train_dataset": tokenized["train"]["path"], "eval_dataset": tokenized["eval"]["path"],
-        "data_fingerprint": tokenized["data_fingerprint"], "tokenized_fingerprint": tokenized["fingerprint"],
-        "out_dir": str(out), "spec": spec.model_dump(mode="json"), "training": config["training"],
-        "lora": config["lora"], "quantization": config["quantization"], "device": config["device"],
-        "tracking_uri": tracking.get("uri"), "experiment": tracking["experiment"], "parent_run_id": parent_run_id,
-        "system_metrics": config["system_metrics"], "use_fast_tokenizer": spec.use_fast_tokenizer,
-    }
-    return isolation.call("pipeline_lib.training:train_stage", {"job": payload},
-                          isolate=config["process_isolation"], log_path=out / "train.log", label=f"train {spec.name}")
+    payload = jobs.train_job(model, tokenized, spec, config, parent_run_id, tracking, out)
+    return isolation.call(
+        "pipeline_lib.training:train_stage",
+        {"job": payload},
+        isolate=config["process_isolation"],
+        log_path=out / "train.log",
+        label=f"train {spec.name}",
+    )
 
 
 @task(name="merge", cache_policy=CACHED_TRACKED, persist_result=True)
-def merge_model(trained: dict, model: dict, config: dict, tracking: dict, registered_name: str | None) -> dict:
-    out = paths.stage_dir("merged", trained["model_name"], trained["adapter_fingerprint"], model["fingerprint"])
-    payload = {"base_path": model["path"], "adapter_dir": trained["adapter_dir"], "out_dir": str(out),
-               "quantization": config["quantization"], "device": config["device"], "run_id": trained["run_id"],
-               "tracking_uri": tracking.get("uri"), "experiment": tracking["experiment"],
-               "registered_name": registered_name, "log_model": config["log_merged_model"]}
-    return isolation.call("pipeline_lib.merge:merge_stage", payload, isolate=config["process_isolation"],
-                          log_path=out.with_suffix(".log"), label=f"merge {trained['model_name']}")
+def merge_model(
+    trained: dict, model: dict, config: dict, tracking: dict, registered_name: str | None
+) -> dict:
+    out = paths.stage_dir(
+        "merged", trained["model_name"], trained["adapter_fingerprint"], model["fingerprint"]
+    )
+    payload = jobs.merge_job(trained, model, config, tracking, registered_name, out)
+    return isolation.call(
+        "pipeline_lib.merge:merge_stage",
+        payload,
+        isolate=config["process_isolation"],
+        log_path=out.with_suffix(".log"),
+        label=f"merge {trained['model_name']}",
+    )
 
 
 @task(name="answer-questions", cache_policy=CACHED_TRACKED, persist_result=True)
-def answer_questions(merged: dict, model_name: str, inference: dict, device: str, isolate: bool,
-                     run_id: str | None, tracking: dict) -> dict:
+def answer_questions(
+    merged: dict,
+    model_name: str,
+    inference: dict,
+    device: str,
+    isolate: bool,
+    run_id: str | None,
+    tracking: dict,
+) -> dict:
     out = paths.stage_dir("answers", model_name, merged["fingerprint"], inference)
     result = isolation.call(
         "pipeline_lib.inference:answer_question_set",
-        {"model_dir": merged["merged_dir"], "out_path": str(out / "answers.jsonl"), "model_name": model_name,
-         "settings": inference, "device": device},
-        isolate=isolate, log_path=out / "answer.log", label=f"answer {model_name}",
+        {
+            "model_dir": merged["merged_dir"],
+            "out_path": str(out / "answers.jsonl"),
+            "model_name": model_name,
+            "settings": inference,
+            "device": device,
+        },
+        isolate=isolate,
+        log_path=out / "answer.log",
+        label=f"answer {model_name}",
     )
     tracker = make_tracker(TrackingTarget(tracking.get("uri"), tracking["experiment"]))
     if run_id:
         tracker.log_artifact(run_id, result["answers_path"])
-        tracker.log_metrics(run_id, {k: result[k] for k in ("mean_score", "fact_accuracy") if result[k] is not None})
+        tracker.log_metrics(
+            run_id, {k: result[k] for k in ("mean_score", "fact_accuracy") if result[k] is not None}
+        )
     return result
 
 
@@ -137,11 +173,24 @@ def preflight(config: RunConfig) -> None:
 @task(name="start-parent-run", cache_policy=NO_CACHE)
 def start_parent_run(config: RunConfig, tracking: dict, flow_run_id: str | None) -> str | None:
     tracker = make_tracker(TrackingTarget(tracking.get("uri"), tracking["experiment"]))
-    run_id = tracker.start_run(config.name, tags={"qabot.profile": config.profile, "qabot.flow_run_id": flow_run_id,
-                                                  "qabot.config_fingerprint": fingerprint(config)})
-    tracker.log_params(run_id, {"models": [m.name for m in config.models], "profile": config.profile,
-                                "device": config.device, "data.source": config.data.source,
-                                "data.revision": config.data.revision})
+    run_id = tracker.start_run(
+        config.name,
+        tags={
+            "qabot.profile": config.profile,
+            "qabot.flow_run_id": flow_run_id,
+            "qabot.config_fingerprint": fingerprint(config),
+        },
+    )
+    tracker.log_params(
+        run_id,
+        {
+            "models": [m.name for m in config.models],
+            "profile": config.profile,
+            "device": config.device,
+            "data.source": config.data.source,
+            "data.revision": config.data.revision,
+        },
+    )
     tracker.log_dict(run_id, config.model_dump(mode="json"), "config.json")
     url = tracker.run_url(run_id)
     if url:
@@ -160,9 +209,15 @@ def log_data(parent_run_id: str | None, prepared: dict, acquired: dict, tracking
     import json
 
     a = json.loads(audit.read_text())
-    tracker.log_params(parent_run_id, {"dataset_fingerprint": prepared["fingerprint"],
-                                       "dataset_sha256": acquired["sha256"], "rows_in": a["rows_in"],
-                                       "rows_out": a["rows_out"]})
+    tracker.log_params(
+        parent_run_id,
+        {
+            "dataset_fingerprint": prepared["fingerprint"],
+            "dataset_sha256": acquired["sha256"],
+            "rows_in": a["rows_in"],
+            "rows_out": a["rows_out"],
+        },
+    )
     tracker.log_artifact(parent_run_id, audit, "data")
     tracker.log_table(parent_run_id, audit_table(a), "data/audit_table.json")
 
@@ -182,13 +237,18 @@ def compare_models(results: list[dict], parent_run_id: str | None, tracking: dic
         url = tracker.run_url(parent_run_id)
     report = Path(files["report.md"]).read_text(encoding="utf-8")
     link = f"\n\nPlots and all artifacts: [MLflow run]({url})\n" if url else ""
-    create_markdown_artifact(report.replace("![loss and learning rate](curves.png)", "") + link,
-                             key="comparison", description=title)
+    create_markdown_artifact(
+        report.replace("![loss and learning rate](curves.png)", "") + link,
+        key="comparison",
+        description=title,
+    )
     return {"report_dir": str(out), "files": files, "parent_run_url": url}
 
 
 @task(name="finish-parent-run", cache_policy=NO_CACHE)
-def finish_parent_run(parent_run_id: str | None, tracking: dict, status: str, summary: dict[str, Any] | None) -> None:
+def finish_parent_run(
+    parent_run_id: str | None, tracking: dict, status: str, summary: dict[str, Any] | None
+) -> None:
     if not parent_run_id:
         return
     tracker = make_tracker(TrackingTarget(tracking.get("uri"), tracking["experiment"]))

@@ -23,7 +23,10 @@ def test_every_preset_validates(profile):
 def test_report_preset_is_the_reports_setup():
     cfg = load_config("report")
     by = {m.base_model: m for m in cfg.models}
-    assert (by["openlm-research/open_llama_3b"].epochs, by["openlm-research/open_llama_3b"].batch_size) == (2, 4)
+    assert (by["openlm-research/open_llama_3b"].epochs, by["openlm-research/open_llama_3b"].batch_size) == (
+        2,
+        4,
+    )
     assert (by["bigscience/bloom-3b"].epochs, by["bigscience/bloom-3b"].batch_size) == (1, 2)
     assert (by["tiiuae/falcon-rw-1b"].epochs, by["tiiuae/falcon-rw-1b"].batch_size) == (1, 1)
     assert cfg.training.warmup_ratio == 0.1 and cfg.training.lr_scheduler == "linear"

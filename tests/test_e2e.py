@@ -27,19 +27,29 @@ HEAVY = {"acquire-data", "clean-data", "tokenize", "train", "merge", "answer-que
 
 def _qabot(env, *args, timeout=900):
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc, time.time() - t0
 
 
 def _post(url, body):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 
 
 def _task_states(prefect_url, flow_run_id):
-    runs = _post(f"{prefect_url}/api/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200})
+    runs = _post(
+        f"{prefect_url}/api/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200}
+    )
     out: dict[str, list[str]] = {}
     for r in runs:
         name = r["name"].rsplit("-", 1)[0]
@@ -55,10 +65,22 @@ def stack(tmp_path_factory):
     # free ports, never the defaults a developer's own `qabot up` may hold
     from flows.services import free_port
 
-    proc = subprocess.run([sys.executable, "-c", (
-        "from flows import services; import json;"
-        f"st = services.up(mlflow_port={free_port()}, prefect_port={free_port()}, worker=True);"
-        "print(json.dumps(st))")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "from flows import services; import json;"
+                f"st = services.up(mlflow_port={free_port()}, prefect_port={free_port()}, worker=True);"
+                "print(json.dumps(st))"
+            ),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads(proc.stdout.strip().splitlines()[-1])
     yield {"home": home, "env": env, "state": state}
@@ -86,8 +108,9 @@ def test_smoke_pipeline_end_to_end(stack):
     client = MlflowClient(tracking_uri=st["mlflow_url"])
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED"
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert len(children) == 3
     assert {c.data.tags["qabot.arch"] for c in children} == {"llama", "bloom", "falcon"}
     for c in children:
@@ -121,7 +144,10 @@ def test_smoke_pipeline_end_to_end(stack):
     # Second run, through the deployment and the process worker: every heavy task is Cached.
     proc, second = _qabot(env, "demo")
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
-    assert "Prefect flow run: http://127.0.0.1" in proc.stdout and "MLflow parent run: http://127.0.0.1" in proc.stdout
+    assert (
+        "Prefect flow run: http://127.0.0.1" in proc.stdout
+        and "MLflow parent run: http://127.0.0.1" in proc.stdout
+    )
     flow_run_id = proc.stdout.split("/runs/flow-run/")[1].split()[0]
     states = _task_states(st["prefect_url"], flow_run_id)
     for name in HEAVY:
@@ -140,7 +166,9 @@ def test_bad_data_stops_in_the_data_stage(stack, tmp_path, content, needle):
     if content is not None:
         data.write_text(content)
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"profile: smoke\nname: bad-data\ndata:\n  source: {data}\ntracking:\n  experiment: bad-data\n")
+    cfg.write_text(
+        f"profile: smoke\nname: bad-data\ndata:\n  source: {data}\ntracking:\n  experiment: bad-data\n"
+    )
     proc, _ = _qabot(stack["env"], "run", "--config", str(cfg), "--no-services", timeout=300)
     assert proc.returncode != 0
     err = proc.stderr.strip().splitlines()

@@ -12,9 +12,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_library_does_not_import_prefect():
     modules = [p.stem for p in (ROOT / "pipeline_lib").glob("*.py") if p.stem != "__init__"]
-    code = "import sys\n" + "".join(f"import pipeline_lib.{m}\n" for m in modules) + (
-        "bad = [m for m in sys.modules if m == 'prefect' or m.startswith('prefect.')]\n"
-        "assert not bad, bad\n"
+    code = (
+        "import sys\n"
+        + "".join(f"import pipeline_lib.{m}\n" for m in modules)
+        + (
+            "bad = [m for m in sys.modules if m == 'prefect' or m.startswith('prefect.')]\n"
+            "assert not bad, bad\n"
+        )
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
