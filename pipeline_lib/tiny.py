@@ -8,7 +8,10 @@ size, and tokenizers whose special tokens behave like the real ones:
 - bloom: `<pad>` pad token, `</s>` EOS, no BOS prepended (like Bloom);
 - falcon: `<|endoftext|>` is BOS, EOS and UNK, no pad token (like Falcon-RW's GPT-2 BPE).
 
-Everything is deterministic: the same call writes the same files, so their fingerprint is stable.
+The weights are not left random: each model is pre-trained for a few hundred steps on plain generated
+text (facts, sums, short answers — no instruction template), so that, like a real base model, it "knows"
+the tiny world but not the Alpaca instruction format. Fine-tuning then has something real to teach, and
+the comparison report shows differences between architectures. Seeded; built once and cached.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pipeline_lib.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 
 ARCHS = ("llama", "bloom", "falcon")
 TINY_PREFIX = "tiny:"
-TINY_VERSION = 1  # bump when the recipe below changes
+TINY_VERSION = 2  # bump when the recipe below changes
+PRETRAIN_STEPS = 200
 
 _SPECIALS = {
     "llama": {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": None, "add_bos": True},
@@ -146,8 +150,46 @@ def tiny_config(arch: str, tokenizer):
     raise ValueError(f"unknown architecture {arch!r}")
 
 
-def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny `arch` model (bf16 safetensors + tokenizer) to `out_dir` and return it."""
+def pretrain(
+    model, tokenizer, steps: int = PRETRAIN_STEPS, seed: int = 0, batch_size: int = 32
+) -> list[float]:
+    """Plain language-model training on generated text (no prompt template); returns the losses."""
+    import random
+
+    import torch
+
+    from pipeline_lib.synthetic import alpaca_rows
+
+    rng = random.Random(seed)
+    texts = [
+        " ".join(t for t in (r["instruction"], r["input"], r["output"]) if t)
+        for r in alpaca_rows(2000, seed + 11)
+    ]
+    encoded = [ids[:64] + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
+    model.train()
+    losses = []
+    for _ in range(steps):
+        enc = rng.sample(encoded, batch_size)
+        width = max(map(len, enc))
+        ids = torch.tensor([e + [pad] * (width - len(e)) for e in enc])
+        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def build_tiny_model(
+    arch: str, out_dir: str | Path, seed: int = 0, pretrain_steps: int = PRETRAIN_STEPS
+) -> Path:
+    """Write a tiny `arch` model (bf16 safetensors + tokenizer), pre-trained on plain text, to `out_dir`."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -155,6 +197,8 @@ def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     tokenizer = build_tokenizer(arch, out_dir)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer), dtype=torch.float32)
+    if pretrain_steps:
+        pretrain(model, tokenizer, pretrain_steps, seed)
     model.to(torch.bfloat16).save_pretrained(out_dir)
     model.generation_config.save_pretrained(out_dir)
     return out_dir

@@ -105,7 +105,14 @@ class MlflowTracker:
         self.target = target
         self.client = MlflowClient(tracking_uri=target.uri)
         exp = self.client.get_experiment_by_name(target.experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(target.experiment)
+        self.experiment_id = exp.experiment_id if exp else self._create_experiment(target)
+
+    def _create_experiment(self, target: TrackingTarget) -> str:
+        location = None
+        if target.uri and target.uri.startswith("sqlite:///"):
+            # a local database without a server: artifacts beside it, not in ./mlruns of whatever cwd
+            location = (Path(target.uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+        return self.client.create_experiment(target.experiment, artifact_location=location)
 
     def start_run(self, name: str, *, parent_id: str | None = None, tags: dict | None = None) -> str:
         tags = {k: str(v) for k, v in (tags or {}).items()}
