@@ -13,9 +13,11 @@ Sections (each in its own process, so GPU memory peaks never mix and one failure
    (length-grouped batches) and `training.halve` after an out-of-memory error, as `run_training` does; rows of
    random tokens with Alpaca's lengths (log-normal, median ~150, clipped to 40-512). Peak allocated memory must
    stay <= 7.5 GiB.
-3. `throughput`: the llama-3b architecture on the whole card with larger token budgets (length-grouped
-   padded batches; packed through position_ids where `supports_exact_packing` says so), sdpa attention, bf16,
-   beside `anchor_bench.py`'s "report's setup" row measured in the same run (goal >= 4x, beyond that 8x).
+3. `throughput`: the llama-3b architecture on the whole card, sdpa attention, bf16, larger token budgets:
+   length-grouped padded batches with checkpointing, the same without the float32 upcast of norms and
+   embeddings, packed through position_ids (where `supports_exact_packing` says so), and without checkpointing
+   where the memory plan allows it; beside `anchor_bench.py`'s "report's setup" row measured in the same run
+   (goal >= 4x, beyond that 8x).
 4. `--tiny` (the default without CUDA): small configs of the same three architectures on the CPU, no memory
    cap, a few steps; the anchor runs with `SCALE=tiny`. Proves the script end to end before a GPU run.
 
@@ -43,6 +45,7 @@ import tempfile
 import threading
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +65,9 @@ ANCHOR_CANDIDATES = (
     ROOT / "shared" / "device" / "anchor_bench.py",
     ROOT / ".devsite" / "anchor_bench.py",
 )
-# Seconds each section may take on a GPU (also bounded by --budget-s); the CPU tiny run needs far less.
+# Seconds each section may take on a GPU, and in a tiny run (always bounded by what is left of --budget-s).
 SECTION_CAP_S = {"llama": 150, "bloom": 150, "falcon": 100, "anchor": 150, "throughput": 180}
-TINY_CAP_S = 120
+TINY_CAP_S = 180
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -163,6 +166,17 @@ def config_summary(cfg) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- worker side
 
 
+def call_accepting(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` with only the keyword arguments its signature names (pipeline_lib's helpers gain
+    optional arguments over time; the check passes what it knows and keeps working)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return fn(*args, **kwargs)
+
+
 def ensure_datasets() -> str:
     """`pipeline_lib.batching` imports `datasets` only to tell a `datasets.Dataset` apart; where the package is
     missing or broken, an empty stand-in module takes its place (the check's rows are a plain list).
@@ -216,7 +230,11 @@ class Worker:
 
     def error(self, where: str, err: BaseException) -> None:
         self.res["errors"].append(
-            {"where": where, "error": f"{type(err).__name__}: {str(err)[:400]}", "trace": traceback.format_exc()[-3000:]}
+            {
+                "where": where,
+                "error": f"{type(err).__name__}: {str(err)[:400]}",
+                "trace": traceback.format_exc()[-3000:],
+            }
         )
         self.save()
         print(traceback.format_exc(), flush=True)
@@ -267,7 +285,11 @@ class Worker:
         del model
         self.free()
         tmp.rename(path)
-        self.res["build"] = {"config": config_summary(cfg), "params": params, "build_save_s": round(time.time() - t, 1)}
+        self.res["build"] = {
+            "config": config_summary(cfg),
+            "params": params,
+            "build_save_s": round(time.time() - t, 1),
+        }
         self.save()
         return path
 
@@ -303,7 +325,11 @@ class Worker:
                 tokenized_fingerprint="", out_dir=str(out_dir), spec=spec.model_dump(), training=ts.model_dump(),
                 lora={}, quantization={}, device=self.device,
             )  # fmt: skip
-            return training._training_arguments(job, plan, self.device, out_dir), "training._training_arguments"
+            args = call_accepting(
+                training._training_arguments, job, plan, self.device, out_dir,
+                max_steps=spec.max_steps, eval_on_start=False,
+            )  # fmt: skip
+            return args, "training._training_arguments"
         except Exception as err:  # its signature changed: the same settings, spelled out here
             import torch
             from transformers import TrainingArguments
@@ -391,7 +417,7 @@ class Worker:
             "loss": round(float(out.training_loss), 4),
             "wall_s": round(wall, 1),
             "args_source": args_source,
-            "optimizer": str(args.optim),
+            "optimizer": str(getattr(args.optim, "value", args.optim)),
             "bf16": bool(args.bf16),
         }
         if device == "cuda":
@@ -401,14 +427,72 @@ class Worker:
             res["reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3)
         return res
 
+    def attempt(self, fn):
+        """(fn(), None), or (None, message) after a CUDA out-of-memory error, with the memory the failed step
+        held released (the exception and its frames are gone before the cache is emptied)."""
+        oom = None
+        try:
+            return fn(), None
+        except self.torch.OutOfMemoryError as err:
+            oom = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        self.free()
+        return None, oom
+
     def peft(self, model):
+        """LoRA on every linear layer but the head, seeded as run_training seeds it."""
         from peft import get_peft_model
+        from transformers import set_seed
 
         from pipeline_lib import modeling
 
-        cfg, _, _ = self.preset("llama")
+        cfg, _, ts = self.preset("llama")
         targets = modeling.lora_target_modules(model)
+        set_seed(ts.seed)
         return get_peft_model(model, modeling.lora_config(cfg.lora, targets, model)), targets
+
+    def preflight(self, path: Path, cfg, arch: str) -> dict[str, Any]:
+        """As run_training's pre-flight: load for inference, quantization report, the sizes the memory plan
+        needs (`training._model_dims` where it exists) and the LoRA report."""
+        from peft import get_peft_model
+
+        from pipeline_lib import modeling, training
+
+        t = time.time()
+        model = modeling.load_model(path, cfg.quantization, self.device, for_training=False)
+        rep = modeling.quantization_report(model)
+        mcfg = model.config
+        dims = {
+            "hidden_size": mcfg.hidden_size,
+            "num_layers": getattr(mcfg, "num_hidden_layers", None) or getattr(mcfg, "n_layer", 1),
+            "vocab_size": mcfg.vocab_size,
+        }
+        dims_source = "local"
+        with contextlib.suppress(Exception):
+            dims = training._model_dims(model, cfg.quantization.load_in_4bit)
+            dims_source = "training._model_dims"
+        targets = modeling.lora_target_modules(model)
+        model = get_peft_model(model, modeling.lora_config(cfg.lora, targets, model))
+        lrep = modeling.lora_report(model)
+        del model
+        self.free()
+        return {
+            "quant": rep,
+            "dims": dims,
+            "dims_source": dims_source,
+            "trainable_params": lrep["trainable_params"],
+            "targets": targets,
+            "load_s": round(time.time() - t, 1),
+            "arch": arch,
+        }
+
+    def plan(self, batch_size: int, max_length: int, ts, budget: float | None, pre: dict, **dims_update):
+        from pipeline_lib import training
+
+        return call_accepting(
+            training.plan_memory, batch_size, max_length, ts, device=self.device, budget_gib=budget,
+            weights_gib=pre["quant"]["footprint_bytes"] / GIB, trainable_params=pre["trainable_params"],
+            **{**pre["dims"], **dims_update},
+        )  # fmt: skip
 
     # -- section: one architecture (4-bit load + capped training)
     def run_arch(self, arch: str) -> None:
@@ -427,9 +511,8 @@ class Worker:
         self.res["cap_gib"] = cap
         quant = cfg.quantization
 
-        t = time.time()
-        model = modeling.load_model(path, quant, self.device, for_training=False)
-        rep = modeling.quantization_report(model)
+        pre = self.preflight(path, cfg, arch)
+        rep = pre["quant"]
         self.res["quant"] = {
             "share_4bit": rep["share_4bit"],
             "linear_layers": rep["linear_layers"],
@@ -437,52 +520,53 @@ class Worker:
             "not_4bit": rep["not_4bit"],
             "linear_kinds": rep["linear_kinds"],
             "quant_types": rep["quant_types"],
-            "footprint_gib": round(rep["footprint_bytes"] / GIB, 3),
-            "bf16_gib": round(rep["bf16_footprint_bytes"] / GIB, 3),
+            "footprint_gib": round(rep["footprint_bytes"] / GIB, 6),
+            "bf16_gib": round(rep["bf16_footprint_bytes"] / GIB, 6),
             "ratio": round(rep["ratio"], 4),
-            "load_s": round(time.time() - t, 1),
+            "load_s": pre["load_s"],
         }
         try:
             modeling.check_quantized(rep, spec.name, expected=True)
             self.res["quant"]["check"] = "ok"
         except Exception as err:
             self.res["quant"]["check"] = str(err)
+        self.res.update(
+            dims=pre["dims"], dims_source=pre["dims_source"], trainable_params=pre["trainable_params"]
+        )
+        write_json(self.work / f"preflight-{arch}.json", pre)  # the throughput section reuses llama's
         self.save()
-        plan = training.plan_memory(
-            spec.batch_size, spec.max_length, ts, device=self.device, budget_gib=cap,
-            weights_gib=rep["footprint_bytes"] / GIB, hidden_size=mcfg.hidden_size,
-            num_layers=getattr(mcfg, "num_hidden_layers", getattr(mcfg, "n_layer", 1)),
-            vocab_size=mcfg.vocab_size,
-        )  # fmt: skip
-        del model
-        self.free()
-
+        plan = self.plan(spec.batch_size, spec.max_length, ts, cap, pre)
+        self.res["initial_plan"] = asdict(plan)
         steps, warmup = self.opts.steps, self.opts.warmup
         spec = spec.model_copy(update={"max_steps": steps})
         rows = self.rows(steps * spec.batch_size, mcfg.vocab_size, spec.max_length, seed=1)
         events = []
-        for _attempt in range(3):
-            self.res["plan"] = plan.__dict__ | {"effective_batch": plan.effective_batch}
+        for _attempt in range(4):  # as run_training: after an out-of-memory error, halve and load again
+            self.res["plan"] = asdict(plan) | {"effective_batch": plan.effective_batch}
             self.save()
             model = modeling.load_model(
-                path, quant, self.device, for_training=True, gradient_checkpointing=plan.gradient_checkpointing
+                path,
+                quant,
+                self.device,
+                for_training=True,
+                gradient_checkpointing=plan.gradient_checkpointing,
             )
             model, targets = self.peft(model)
             self.res["lora_targets"] = targets
-            try:
-                self.res["train"] = self.train(model, spec, ts, plan, rows, warmup)
+            result, oom = self.attempt(lambda m=model, p=plan: self.train(m, spec, ts, p, rows, warmup))
+            del model
+            self.free()
+            if oom is None:
+                self.res["train"] = result
                 break
-            except torch.OutOfMemoryError as err:  # what run_training does: halve the micro-batch
-                new = training.halve(plan)
-                events.append({"plan": plan.__dict__, "error": str(err)[:200], "new_plan": new and new.__dict__})
-                self.res["oom_events"] = events
-                self.save()
-                del model
-                self.free()
-                if new is None:
-                    raise
-                plan = new
-                torch.cuda.reset_peak_memory_stats()  # report the peak of the plan that ran
+            new = training.halve(plan)
+            events.append({"plan": asdict(plan), "error": oom, "new_plan": asdict(new) if new else None})
+            self.res["oom_events"] = events
+            self.save()
+            if new is None:
+                raise RuntimeError(f"out of memory even at micro-batch 1 with checkpointing: {oom}")
+            plan = new
+            torch.cuda.reset_peak_memory_stats()  # report the peak of the plan that ran
         self.res["oom_events"] = events
         if self.device == "cuda":
             self.res["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
@@ -501,27 +585,35 @@ class Worker:
         mcfg = model_config("llama", self.tiny)
         quant = cfg.quantization
         budget = torch.cuda.get_device_properties(0).total_memory / GIB if self.device == "cuda" else None
-        weights_gib = self.opts.weights_gib
-        if not weights_gib:
-            model = modeling.load_model(path, quant, self.device, for_training=False)
-            weights_gib = modeling.quantization_report(model)["footprint_bytes"] / GIB
-            del model
-            self.free()
-        rows_per_step, tokens = (16, 4096) if self.tiny else (64, 16384)
+        pre_file = self.work / "preflight-llama.json"
+        pre = json.loads(pre_file.read_text()) if pre_file.is_file() else self.preflight(path, cfg, "llama")
+        weights_gib = pre["quant"]["footprint_bytes"] / GIB
+        # From the safe side to the fast side: checkpointing on with a large token budget; the same without the
+        # float32 upcast of norms and embeddings; packed rows; no checkpointing where the memory plan allows it.
+        rows, tokens = (8, 2048) if self.tiny else (64, 16384)
         variants = [
-            dict(name="grouped", rows=rows_per_step, tokens=tokens, upcast=True, packing=False),
-            dict(name="grouped_bf16", rows=rows_per_step, tokens=tokens, upcast=False, packing=False),
-            dict(name="packed_bf16", rows=rows_per_step, tokens=tokens // 2, upcast=False, packing=True),
+            dict(name="grouped_gc", rows=rows, tokens=tokens, upcast=True, gc="on", packing=False),
+            dict(name="grouped_gc_bf16", rows=rows, tokens=tokens, upcast=False, gc="on", packing=False),
+            dict(name="packed_gc_bf16", rows=rows, tokens=tokens // 4, upcast=False, gc="on", packing=True),
+            dict(
+                name="grouped_bf16",
+                rows=rows // 2,
+                tokens=tokens // 2,
+                upcast=False,
+                gc="auto",
+                packing=False,
+            ),
         ]
         self.res.update(variants=[], budget_gib=budget, weights_gib=round(weights_gib, 3))
         steps, warmup = self.opts.steps, self.opts.warmup
-        need_s = 10 if self.tiny else 40
+        need_s = 15 if self.tiny else 40
         loaded: tuple | None = None
         model = None
         for v in variants:
             row: dict[str, Any] = {
                 "name": v["name"], "rows_per_step": v["rows"], "tokens_per_micro_batch": v["tokens"],
-                "upcast_fp32": v["upcast"], "packing": v["packing"], "attn_implementation": "sdpa",
+                "upcast_fp32": v["upcast"], "gradient_checkpointing": v["gc"], "packing": v["packing"],
+                "attn_implementation": "sdpa",
             }  # fmt: skip
             self.res["variants"].append(row)
             if self.time_left() < need_s:
@@ -530,16 +622,19 @@ class Worker:
                 continue
             try:
                 vts = ts.model_copy(
-                    update={"gpu_memory_gib": None, "tokens_per_micro_batch": v["tokens"], "gradient_checkpointing": "auto"}
+                    update={
+                        "gpu_memory_gib": None,
+                        "tokens_per_micro_batch": v["tokens"],
+                        "gradient_checkpointing": v["gc"],
+                    }
                 )
                 vspec = spec.model_copy(update={"batch_size": v["rows"], "max_steps": steps})
-                plan = training.plan_memory(
-                    v["rows"], spec.max_length, vts, device=self.device, budget_gib=budget, weights_gib=weights_gib,
-                    hidden_size=mcfg.hidden_size, num_layers=mcfg.num_hidden_layers, vocab_size=mcfg.vocab_size,
-                )  # fmt: skip
-                rows = self.rows(steps * v["rows"], mcfg.vocab_size, spec.max_length, seed=2)
-                for _attempt in range(3):
-                    row["plan"] = plan.__dict__ | {"effective_batch": plan.effective_batch}
+                # sdpa attention keeps no scores; without the upcast there is no float32 copy of the embeddings
+                dims = {"eager_attention": False} | ({} if v["upcast"] else {"upcast_gib": 0.0})
+                plan = self.plan(v["rows"], spec.max_length, vts, budget, pre, **dims)
+                data = self.rows(steps * v["rows"], mcfg.vocab_size, spec.max_length, seed=2)
+                for _attempt in range(4):
+                    row["plan"] = asdict(plan) | {"effective_batch": plan.effective_batch}
                     key = (v["upcast"], plan.gradient_checkpointing)
                     if loaded != key:
                         model = None
@@ -559,16 +654,23 @@ class Worker:
                         break
                     if self.device == "cuda":
                         torch.cuda.reset_peak_memory_stats()
-                    try:
-                        row.update(self.train(model, vspec, vts, plan, rows, warmup, packing=v["packing"]))
+                    result, oom = self.attempt(
+                        lambda m=model, s=vspec, t=vts, p=plan, r=data, k=v["packing"]: self.train(
+                            m, s, t, p, r, warmup, packing=k
+                        )
+                    )
+                    if oom is None:
+                        row.update(result)
                         break
-                    except torch.OutOfMemoryError as err:
-                        new = training.halve(plan)
-                        row.setdefault("oom_events", []).append({"plan": plan.__dict__, "error": str(err)[:200]})
-                        self.free()
-                        if new is None:
-                            raise
-                        plan = new
+                    new = training.halve(plan)
+                    row.setdefault("oom_events", []).append({"plan": asdict(plan), "error": oom})
+                    self.save()
+                    if new is None:
+                        raise RuntimeError(f"out of memory even at micro-batch 1 with checkpointing: {oom}")
+                    plan = new
+                    if self.time_left() < need_s:
+                        row["skipped"] = "out of time after out-of-memory retries"
+                        break
             except Exception as err:
                 row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                 self.error(v["name"], err)
@@ -595,13 +697,13 @@ def worker_main(opts: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- parent side
 
 
-def run_worker(section: str, opts, work: Path, logs: dict[str, str], timeout: float, extra: list[str]) -> dict:
+def run_worker(section: str, opts, work: Path, logs: dict[str, str], timeout: float) -> dict:
     part = work / f"part-{section}.json"
     logfile = work / f"log-{section}.txt"
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--worker-section", section, "--work-dir", str(work),
         "--part", str(part), "--steps", str(opts.steps), "--warmup", str(opts.warmup),
-        "--deadline", str(time.time() + timeout), "--peak-limit-gib", str(opts.peak_limit_gib), *extra,
+        "--deadline", str(time.time() + timeout), "--peak-limit-gib", str(opts.peak_limit_gib),
     ]  # fmt: skip
     if opts.tiny:
         cmd.append("--tiny")
@@ -610,7 +712,9 @@ def run_worker(section: str, opts, work: Path, logs: dict[str, str], timeout: fl
     status = "ok"
     with logfile.open("wb") as fh:
         try:
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=str(work))
+            proc = subprocess.run(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=str(work)
+            )
             if proc.returncode != 0:
                 status = f"exit code {proc.returncode}"
         except subprocess.TimeoutExpired:
@@ -626,7 +730,12 @@ def run_worker(section: str, opts, work: Path, logs: dict[str, str], timeout: fl
 
 
 def worker_env(opts) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     if opts.tiny:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -657,7 +766,12 @@ def run_anchor(path: Path | None, opts, work: Path, logs: dict[str, str], timeou
     res["steps"] = steps
     t = time.time()
     proc = subprocess.Popen(
-        [sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(out), text=True
+        [sys.executable, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=str(out),
+        text=True,
     )
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -721,6 +835,21 @@ def fmt(x: Any, spec: str = ".2f", none: str = "-") -> str:
     return str(x)
 
 
+def gib(x: Any) -> str:
+    """GiB with two decimals; below 0.1 GiB in MiB (tiny models)."""
+    if not isinstance(x, (int, float)):
+        return "-"
+    return f"{x * 1024:.1f}M" if 0 < x < 0.1 else f"{x:.2f}"
+
+
+def size_text(x: Any) -> str:
+    return (
+        "n/a"
+        if not isinstance(x, (int, float))
+        else (f"{x * 1024:.1f} MiB" if 0 < x < 0.1 else f"{x:.2f} GiB")
+    )
+
+
 def table(results: dict) -> str:
     tiny = results["mode"] == "tiny"
     lines = []
@@ -734,8 +863,8 @@ def table(results: dict) -> str:
     )
     cap = results["settings"]["cap_gib"]
     lines.append(
-        f"{'model':<10} {'4bit share':>10} {'4bit GiB':>8} {'bf16 GiB':>8} | {'rows':>4} {'plan':>14} "
-        f"{'peak GiB':>8} {'real tok/s':>10} {'pad':>5} {'status':<}"
+        f"{'model':<10} {'4bit share':>10} {'4bit GiB':>8} {'bf16 GiB':>8} | {'rows':>4} {'plan':>9} "
+        f"{'est GiB':>7} {'peak GiB':>8} {'real tok/s':>10} {'pad':>5} {'status':<}"
     )
     for arch in ARCHS:
         m = results["models"].get(arch)
@@ -760,9 +889,9 @@ def table(results: dict) -> str:
             err = (m.get("errors") or [{}])[-1].get("error", "")
             notes.append(f"{m.get('status')} {err}"[:90])
         lines.append(
-            f"{name:<10} {fmt(q.get('share_4bit'), '.3f'):>10} {fmt(q.get('footprint_gib')):>8} "
-            f"{fmt(q.get('bf16_gib')):>8} | {m.get('batch_size', '-'):>4} {plan_s:>14} "
-            f"{fmt(m.get('peak_gib')):>8} {fmt(tr.get('real_tok_s'), ',.0f'):>10} "
+            f"{name:<10} {fmt(q.get('share_4bit'), '.3f'):>10} {gib(q.get('footprint_gib')):>8} "
+            f"{gib(q.get('bf16_gib')):>8} | {m.get('batch_size', '-'):>4} {plan_s:>9} "
+            f"{gib((m.get('initial_plan') or {}).get('estimate_gib')):>7} {gib(m.get('peak_gib')):>8} {fmt(tr.get('real_tok_s'), ',.0f'):>10} "
             f"{fmt(tr.get('padding_share'), '.0%'):>5} {'; '.join(notes) or 'ok'}"
         )
     lines.append(
@@ -774,12 +903,12 @@ def table(results: dict) -> str:
     tp = results.get("throughput") or {}
     base = (a.get("report_row") or {}).get("real_tok_s")
     lines.append(f"throughput, llama-3b architecture{'' if tiny else ', whole card'}:")
-    lines.append(f"  {'setting':<46} {'real tok/s':>10} {'peak GiB':>8} {'pad':>5} {'x anchor':>8}")
+    lines.append(f"  {'setting':<52} {'real tok/s':>10} {'peak GiB':>8} {'pad':>5} {'x anchor':>8}")
     if a.get("report_row"):
         r = a["report_row"]
         lines.append(
-            f"  {'anchor: report setup (bs4, padded, checkpointing)':<46} {fmt(r.get('real_tok_s'), ',.0f'):>10} "
-            f"{fmt(r.get('peak_gib')):>8} {fmt(r.get('pad_frac'), '.0%'):>5} {'1.00':>8}"
+            f"  {'anchor: report setup (bs4, padded, checkpointing)':<52} {fmt(r.get('real_tok_s'), ',.0f'):>10} "
+            f"{gib(r.get('peak_gib')) if not tiny else '-':>8} {fmt(r.get('pad_frac'), '.0%'):>5} {'1.00':>8}"
         )
     elif not a.get("found", True):
         lines.append(f"  anchor not found ({a.get('path')}): ratio skipped")
@@ -788,17 +917,18 @@ def table(results: dict) -> str:
     for v in tp.get("variants", []):
         plan = v.get("plan") or {}
         desc = (
-            f"{v['name']}: {v['rows_per_step']} rows/step, "
-            f"{plan.get('tokens_per_micro_batch', v['tokens_per_micro_batch'])} tok/micro"
-            f"{', gc' if plan.get('gradient_checkpointing') else ''}"
+            f"{v['name']}: {v['rows_per_step']} rows, "
+            f"{plan.get('tokens_per_micro_batch', v['tokens_per_micro_batch'])} tok"
+            f"{' x' + str(plan['grad_accum']) if plan.get('grad_accum', 1) > 1 else ''}"
+            f"{', packed' if v['packing'] else ''}{', gc' if plan.get('gradient_checkpointing') else ''}"
         )
         if v.get("skipped") or v.get("error"):
-            lines.append(f"  {desc:<46} {(v.get('skipped') or v.get('error'))[:60]}")
+            lines.append(f"  {desc:<52} {(v.get('skipped') or v.get('error'))[:70]}")
             continue
         ratio = v.get("real_tok_s") / base if base and v.get("real_tok_s") else None
         best = " <- best" if tp.get("best") == v["name"] else ""
         lines.append(
-            f"  {desc:<46} {fmt(v.get('real_tok_s'), ',.0f'):>10} {fmt(v.get('train_peak_gib')):>8} "
+            f"  {desc:<52} {fmt(v.get('real_tok_s'), ',.0f'):>10} {gib(v.get('train_peak_gib')):>8} "
             f"{fmt(v.get('padding_share'), '.0%'):>5} {fmt(ratio, '.2f'):>8}{best}"
         )
     if tp.get("status") not in (None, "ok") or (tp.get("errors") and not tp.get("variants")):
@@ -807,15 +937,18 @@ def table(results: dict) -> str:
     c = results["checks"]
     verdict = [
         f"4-bit everywhere: {'yes' if c['all_4bit'] else 'NO'}",
-        "peaks: n/a on CPU" if c["peaks_ok"] is None else f"peaks <= {c['peak_limit_gib']} GiB: "
-        + ("yes" if c["peaks_ok"] else "NO"),
+        "peaks: n/a on CPU"
+        if c["peaks_ok"] is None
+        else f"peaks <= {c['peak_limit_gib']} GiB: " + ("yes" if c["peaks_ok"] else "NO"),
     ]
     if c.get("best_ratio") is not None:
         goal = "" if tiny else (
             " (beyond 8x)" if c["best_ratio"] >= RATIO_STRETCH else
             " (goal 4x met)" if c["best_ratio"] >= RATIO_GOAL else " (below the 4x goal)"
         )  # fmt: skip
-        verdict.append(f"best/anchor: {c['best_ratio']:.2f}x{goal}{' - CPU tiny, not meaningful' if tiny else ''}")
+        verdict.append(
+            f"best/anchor: {c['best_ratio']:.2f}x{goal}{' - CPU tiny, not meaningful' if tiny else ''}"
+        )
     else:
         verdict.append("best/anchor: n/a")
     lines.append("verdict: " + "; ".join(verdict) + f"; sections failed: {', '.join(c['failed']) or 'none'}")
@@ -826,13 +959,21 @@ def table(results: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (the default without CUDA)")
-    p.add_argument("--anchor", default=None, help="anchor_bench.py (default: ../shared/device/anchor_bench.py)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (env STEPS; 12, tiny 4)")
+    p.add_argument(
+        "--anchor", default=None, help="anchor_bench.py (default: ../shared/device/anchor_bench.py)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (env STEPS; 12, tiny 3)")
     p.add_argument("--warmup", type=int, default=None, help="first steps left out of the timing (3, tiny 1)")
-    p.add_argument("--budget-s", type=float, default=None, help="time for all sections (GPU 480 s, tiny 300 s)")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument(
+        "--budget-s", type=float, default=None, help="time for all sections (GPU 420 s, tiny 600 s)"
+    )
+    p.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}"
+    )
     p.add_argument("--peak-limit-gib", type=float, default=PEAK_LIMIT_GIB)
     p.add_argument("--out", default=None, help="output folder (default $OUT, else ./gpu_check_out)")
     p.add_argument("--work-dir", default=None, help="where the bf16 weights go (default: a temporary folder)")
@@ -841,7 +982,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-section", default=None, help=argparse.SUPPRESS)
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--weights-gib", type=float, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -854,10 +994,10 @@ def main(argv: list[str] | None = None) -> int:
 
     has_cuda = torch.cuda.is_available()
     opts.tiny = opts.tiny or not has_cuda
-    opts.steps = opts.steps or int(os.environ.get("STEPS", "4" if opts.tiny else "12"))
+    opts.steps = opts.steps or int(os.environ.get("STEPS", "3" if opts.tiny else "12"))
     opts.warmup = opts.warmup if opts.warmup is not None else (1 if opts.tiny else 3)
     opts.warmup = max(1, min(opts.warmup, opts.steps - 1))
-    budget = opts.budget_s or (300.0 if opts.tiny else 480.0)
+    budget = opts.budget_s or (600.0 if opts.tiny else 420.0)
     deadline = t_start + budget
     only = [s.strip() for s in opts.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
@@ -869,15 +1009,23 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(opts.work_dir or tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
     mode = "tiny" if opts.tiny else "gpu"
-    log(f"mode {mode}, steps {opts.steps} (warm-up {opts.warmup}), budget {budget:.0f} s, work {work}, out {out_dir}")
+    log(
+        f"mode {mode}, steps {opts.steps} (warm-up {opts.warmup}), budget {budget:.0f} s, work {work}, out {out_dir}"
+    )
 
     results: dict[str, Any] = {
         "mode": mode,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": versions(),
         "settings": {
-            "steps": opts.steps, "warmup": opts.warmup, "cap_gib": None, "peak_limit_gib": opts.peak_limit_gib,
-            "budget_s": budget, "sections": only, "ratio_goal": RATIO_GOAL, "ratio_stretch": RATIO_STRETCH,
+            "steps": opts.steps,
+            "warmup": opts.warmup,
+            "cap_gib": None,
+            "peak_limit_gib": opts.peak_limit_gib,
+            "budget_s": budget,
+            "sections": only,
+            "ratio_goal": RATIO_GOAL,
+            "ratio_stretch": RATIO_STRETCH,
         },  # fmt: skip
         "device": {},
         "models": {},
@@ -901,7 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
             results["models"][arch] = {"status": "skipped: out of time", "errors": []}
             continue
         try:
-            res = run_worker(arch, opts, work, logs, cap_for(arch), [])
+            res = run_worker(arch, opts, work, logs, cap_for(arch))
             results["models"][arch] = res
             if res.get("gpu"):
                 results["device"] = {"gpu": res["gpu"], "total_gib": res.get("gpu_total_gib")}
@@ -910,8 +1058,8 @@ def main(argv: list[str] | None = None) -> int:
             q, tr = res.get("quant") or {}, res.get("train") or {}
             log(
                 f"{MODEL_NAMES[arch]}: {res['status']} in {res['section_s']} s; share_4bit {q.get('share_4bit')}, "
-                f"4-bit {q.get('footprint_gib')} GiB; peak {res.get('peak_gib')} GiB, "
-                f"{tr.get('real_tok_s')} real tok/s"
+                f"4-bit {size_text(q.get('footprint_gib'))}; peak {size_text(res.get('peak_gib'))}, "
+                f"{tr.get('real_tok_s')} real tok/s, {len(res.get('oom_events') or [])} out-of-memory retries"
             )
             for e in res.get("errors", []):
                 log(f"  error in {e['where']}: {e['error']}")
@@ -928,12 +1076,21 @@ def main(argv: list[str] | None = None) -> int:
         anchor = find_anchor(opts.anchor)
         try:
             if deadline - time.time() < 10:
-                results["anchor"] = {"path": str(anchor), "found": anchor is not None, "status": "skipped: out of time"}
+                results["anchor"] = {
+                    "path": str(anchor),
+                    "found": anchor is not None,
+                    "status": "skipped: out of time",
+                }
             else:
-                results["anchor"] = run_anchor(anchor, opts, work, logs, cap_for("anchor"), opts.anchor or "default")
+                results["anchor"] = run_anchor(
+                    anchor, opts, work, logs, cap_for("anchor"), opts.anchor or "default"
+                )
             a = results["anchor"]
             row = a.get("report_row") or {}
-            log(f"anchor: {a.get('status')}; report setup {row.get('real_tok_s')} real tok/s, peak {row.get('peak_gib')}")
+            log(
+                f"anchor: {a.get('status')} in {a.get('section_s')} s; report setup {row.get('real_tok_s')} real tok/s, "
+                f"peak {size_text(row.get('peak_gib') or None)}"
+            )
             if a.get("status") != "ok" and a.get("log_tail"):
                 print(a["log_tail"], flush=True)
         except Exception as err:
@@ -945,18 +1102,15 @@ def main(argv: list[str] | None = None) -> int:
             if deadline - time.time() < 10:
                 results["throughput"] = {"status": "skipped: out of time", "variants": [], "errors": []}
             else:
-                extra = []
-                wq = (results["models"].get("llama") or {}).get("quant") or {}
-                if wq.get("footprint_gib"):
-                    extra = ["--weights-gib", str(wq["footprint_gib"])]
-                res = run_worker("throughput", opts, work, logs, cap_for("throughput"), extra)
+                res = run_worker("throughput", opts, work, logs, cap_for("throughput"))
                 results["throughput"] = res
                 if res.get("gpu") and not results["device"]:
                     results["device"] = {"gpu": res["gpu"], "total_gib": res.get("gpu_total_gib")}
                 for v in res.get("variants", []):
                     log(
                         f"throughput {v['name']}: {v.get('real_tok_s') or v.get('skipped') or v.get('error')}"
-                        f" real tok/s, peak {v.get('train_peak_gib')}"
+                        f" real tok/s, peak {size_text(v.get('train_peak_gib'))}, "
+                        f"{len(v.get('oom_events') or [])} out-of-memory retries"
                     )
                 if res["status"] != "ok" and res.get("log_tail"):
                     print(res["log_tail"], flush=True)
@@ -968,9 +1122,13 @@ def main(argv: list[str] | None = None) -> int:
     models = results["models"]
     shares = [(m.get("quant") or {}).get("share_4bit") for m in models.values()]
     peaks = [m.get("peak_ok") for m in models.values()]
-    failed = [a for a, m in models.items() if m.get("status") != "ok" or m.get("errors") or not m.get("train")]
+    failed = [
+        a for a, m in models.items() if m.get("status") != "ok" or m.get("errors") or not m.get("train")
+    ]
     tp, anchor_res = results.get("throughput"), results.get("anchor")
-    if tp is not None and (tp.get("status") != "ok" or not any(v.get("real_tok_s") for v in tp.get("variants", []))):
+    if tp is not None and (
+        tp.get("status") != "ok" or not any(v.get("real_tok_s") for v in tp.get("variants", []))
+    ):
         failed.append("throughput")
     if anchor_res is not None and anchor_res.get("status") != "ok":
         failed.append("anchor")
