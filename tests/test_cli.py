@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def qabot(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_data_prepare_keeps_clean_rows_and_fixes_defects(tmp_path):
@@ -24,8 +25,12 @@ def test_data_prepare_keeps_clean_rows_and_fixes_defects(tmp_path):
     clean = list({json.dumps(r, sort_keys=True): r for r in clean}.values()) + NON_ENGLISH_ROWS
     bad = defective_rows()
     src = tmp_path / "mixed.json"
-    src.write_text(json.dumps([{k: r[k] for k in ("instruction", "input", "output") if k in r} for r in clean + bad],
-                              ensure_ascii=False))
+    src.write_text(
+        json.dumps(
+            [{k: r[k] for k in ("instruction", "input", "output") if k in r} for r in clean + bad],
+            ensure_ascii=False,
+        )
+    )
     proc = qabot("data", "prepare", "--source", str(src), "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
     kept = [json.loads(line) for line in (tmp_path / "out" / "clean.jsonl").read_text().splitlines()]
@@ -66,7 +71,9 @@ def test_data_prepare_bad_input_is_one_line(tmp_path, content, needle):
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("qabot: error:") and str(src) in lines[0] and needle.lower() in lines[0].lower()
+    assert (
+        lines[0].startswith("qabot: error:") and str(src) in lines[0] and needle.lower() in lines[0].lower()
+    )
     assert not (tmp_path / "out" / "clean.jsonl").exists()
 
 
@@ -75,7 +82,12 @@ def test_run_with_unreachable_hub_stops_in_seconds_naming_what():
     assert proc.returncode != 0
     line = proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
-    for what in ("tatsu-lab/alpaca", "openlm-research/open_llama_3b", "bigscience/bloom-3b", "tiiuae/falcon-rw-1b"):
+    for what in (
+        "tatsu-lab/alpaca",
+        "openlm-research/open_llama_3b",
+        "bigscience/bloom-3b",
+        "tiiuae/falcon-rw-1b",
+    ):
         assert what in line
 
 
