@@ -26,13 +26,13 @@ import random
 import re
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeline_lib.config import CleaningConfig, DataConfig
+from pipeline_lib.netutil import call_with_deadline
 
 Row = dict[str, str]
 FIELDS = ("instruction", "input", "output")
@@ -206,28 +206,6 @@ def _acquire_builtin(source: str, dest_dir: Path) -> Acquired:
     return Acquired(target, digest, source)
 
 
-def _with_deadline(fn: Callable[[], Any], seconds: float) -> Any:
-    """Run `fn` in a daemon thread; raise TimeoutError if it has not returned after `seconds`.
-
-    Socket timeouts do not bound name resolution; this does, so an unreachable host never hangs a run."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as err:  # noqa: BLE001 - handed to the caller
-            box["error"] = err
-
-    t = threading.Thread(target=run, daemon=True, name="qabot-data-fetch")
-    t.start()
-    t.join(seconds)
-    if t.is_alive():
-        raise TimeoutError(f"no answer within {seconds:g} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 def _acquire_url(url: str, dest_dir: Path, expected: str | None, timeout: float) -> Acquired:
     import urllib.error
     import urllib.parse
@@ -237,7 +215,7 @@ def _acquire_url(url: str, dest_dir: Path, expected: str | None, timeout: float)
         return Acquired(hit, expected, url)
     req = urllib.request.Request(url, headers={"User-Agent": "qabot"})
     try:
-        resp = _with_deadline(lambda: urllib.request.urlopen(req, timeout=timeout), timeout + 5)
+        resp = call_with_deadline(lambda: urllib.request.urlopen(req, timeout=timeout), timeout + 5)
     except urllib.error.HTTPError as err:
         raise DataError(
             url, f"HTTP {err.code} {err.reason}", transient=err.code >= 500 or err.code == 429
@@ -334,7 +312,7 @@ def _acquire_hf(source: str, dest_dir: Path, revision: str | None, timeout: floa
     from huggingface_hub import HfApi, hf_hub_download
 
     try:
-        info = _with_deadline(
+        info = call_with_deadline(
             lambda: HfApi().dataset_info(repo_id, revision=revision, timeout=timeout), timeout + 5
         )
     except Exception as err:  # noqa: BLE001 - every failure becomes one clear line

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline_lib.config import LoraSettings, ModelSpec, QuantizationConfig, fingerprint
+from pipeline_lib.netutil import call_with_deadline, one_line
 from pipeline_lib.tiny import directory_fingerprint, is_tiny, materialize_tiny
 
 if TYPE_CHECKING:
@@ -81,35 +82,6 @@ _CONFIG_PATTERNS = [
 _SAFETENSORS_PATTERNS = ["model*.safetensors", "model.safetensors.index.json"]
 _BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 TOKENIZER_FILES = tuple(p for p in _CONFIG_PATTERNS if p not in ("config.json", "generation_config.json"))
-
-
-def _one_line(err: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    text = f"{type(err).__name__}: {text}" if type(err).__name__ not in text else text
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _call_with_deadline(fn, timeout: float):
-    """Run `fn()` in a daemon thread; raise TimeoutError if it has not returned after `timeout` seconds.
-
-    The HTTP timeout alone does not bound name resolution, so a hanging resolver could stall a run.
-    """
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as err:  # re-raised in the caller's thread
-            box["error"] = err
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise TimeoutError(f"no answer within {timeout:g} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def _weight_patterns(filenames: Sequence[str]) -> list[str]:
@@ -163,11 +135,11 @@ def _resolve_hub(spec: ModelSpec, timeout: float, hub_cache_dir: Path | None) ->
     repo = spec.base_model
     cache = str(hub_cache_dir) if hub_cache_dir else None
     try:
-        info = _call_with_deadline(
+        info = call_with_deadline(
             lambda: HfApi().model_info(repo, revision=spec.revision, timeout=timeout), timeout + 2
         )
     except Exception as err:  # any failure: offline, unknown repo, gated, timeout
-        reason = _one_line(err)
+        reason = one_line(err)
         cached = _cached_snapshot(repo, spec.revision, cache)
         if cached is None:
             raise ModelSourceError(f"cannot fetch {repo} from the Hugging Face Hub: {reason}") from None
@@ -196,7 +168,7 @@ def _resolve_hub(spec: ModelSpec, timeout: float, hub_cache_dir: Path | None) ->
             )
         )
     except Exception as err:
-        raise ModelSourceError(f"cannot download {repo}@{sha}: {_one_line(err)}") from None
+        raise ModelSourceError(f"cannot download {repo}@{sha}: {one_line(err)}") from None
     return ResolvedModel(
         spec.name,
         repo,
@@ -715,7 +687,7 @@ def check_adapter(
         tensors = _load_adapter_tensors(file) if size else {}
     except Exception as err:  # a truncated or corrupt file
         raise PreflightError(
-            f"{label}: adapter check failed: cannot read {file.name}: {_one_line(err)}"
+            f"{label}: adapter check failed: cannot read {file.name}: {one_line(err)}"
         ) from None
     a_keys = sorted(k for k in tensors if "lora_A" in k)
     b_keys = sorted(k for k in tensors if "lora_B" in k)

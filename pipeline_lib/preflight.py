@@ -18,17 +18,18 @@ class RunPreflightError(RuntimeError):
 def _hub_reachable(kind: str, repo: str, revision: str | None, timeout: float) -> str | None:
     from huggingface_hub import HfApi
 
-    from pipeline_lib.modeling import _cached_snapshot, _call_with_deadline, _one_line
+    from pipeline_lib.modeling import _cached_snapshot
+    from pipeline_lib.netutil import call_with_deadline, one_line
 
     api = HfApi()
     fn = api.dataset_info if kind == "dataset" else api.model_info
     try:
-        _call_with_deadline(lambda: fn(repo, revision=revision, timeout=timeout), timeout + 1)
+        call_with_deadline(lambda: fn(repo, revision=revision, timeout=timeout), timeout + 1)
         return None
     except Exception as err:  # offline, unknown, gated, timeout
         if kind == "model" and _cached_snapshot(repo, revision, None) is not None:
             return None
-        return f"cannot fetch {kind} {repo} from the Hugging Face Hub ({_one_line(err, 120)})"
+        return f"cannot fetch {kind} {repo} from the Hugging Face Hub ({one_line(err, 120)})"
 
 
 def check_run(config: RunConfig, timeout: float = 5.0) -> list[str]:
