@@ -12,7 +12,7 @@ import torch
 
 from pipeline_lib import modeling
 from pipeline_lib.config import LoraSettings, ModelSpec, QuantizationConfig
-from pipeline_lib.tiny import directory_fingerprint, materialize_tiny
+from pipeline_lib.tiny import directory_fingerprint
 
 ARCHS = ("llama", "bloom", "falcon")
 Q4 = QuantizationConfig()
@@ -28,9 +28,9 @@ TEXTS = ["### Instruction:\nName a colour.\n\n### Response:\nBlue.", "What is th
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    return {a: materialize_tiny(f"tiny:{a}", root)[0] for a in ARCHS}
+def tiny(tiny_models) -> dict[str, Path]:
+    """The session's tiny models (conftest), built once for every test module."""
+    return {a: Path(tiny_models[a]) for a in ARCHS}
 
 
 def _tokenizer(path: Path):
