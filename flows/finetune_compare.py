@@ -51,7 +51,9 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
         results = []
         for spec in config.models:
             model = resolved[spec.name]
-            tokenized = stages.tokenize_data(prepared, model, spec.max_length, spec.use_fast_tokenizer)
+            tokenized = stages.tokenize_data(
+                prepared, model, spec.max_length, spec.use_fast_tokenizer, config.training.long_rows
+            )
             trained = stages.train_model(model, tokenized, spec, slice_, parent, tracking)
             registered = f"{config.name}-{spec.name}" if config.tracking.register_models else None
             merged = stages.merge_model(trained, model, slice_, tracking, registered)

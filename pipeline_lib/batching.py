@@ -1,33 +1,41 @@
-"""Length-grouped batches under a token budget, their collators, and a Trainer that uses them.
+"""Training batches as a plan of optimizer steps, their collators, and the Trainer that uses them.
 
-Why: padding every batch to its longest row wastes ~35% of the tokens at 4 rows and ~55% at 16 (Alpaca,
-see the data notes); grouping rows of similar length under a token budget keeps padding under ~10% and the
-memory of every micro-batch bounded (rows x longest row <= budget), so short rows come many to a batch.
+The contract: `batch_size` (the config's effective batch) is the number of rows in every optimizer step, and
+the rows of step k of an epoch depend only on the data, the seed, the epoch and `batch_size` — never on how a
+step is cut into micro-batches. So when an out-of-memory error halves the micro-batch (twice the
+accumulation), the Trainer's resume, which skips `global_step x accumulation` micro-batches, skips exactly the
+steps already trained, and every epoch still trains every row once.
 
 Pieces:
 
-- `plan_batches` / `padding_share`: the plan (lists of row indices) and its padding waste.
-- `TokenBudgetBatchSampler`: the plan as a `torch.utils.data.Sampler` of index lists (a `batch_sampler`), with
-  `set_epoch`; every epoch is a new random plan with the same number of batches.
+- `plan_steps`: an epoch as a list of steps (lists of row indices). Length-grouped by default: rows are
+  shuffled, cut into chunks of `MEGABATCH_STEPS` steps' worth, each chunk sorted by length and cut into steps
+  of `batch_size` rows, and the steps shuffled (the step holding the longest row first, so a memory peak shows
+  at once). Only the last step can be short (`N mod batch_size` rows), and it is always last.
+- `StepSampler`: that plan as a `batch_sampler` of micro-batches: each step cut into `ceil(rows /
+  micro_batch)` micro-batches of rows of similar length; `set_epoch` (the Trainer calls it) gives every epoch
+  a new plan, deterministically.
+- `plan_batches` / `padding_share`: batches under a token budget (rows x longest row), for evaluation,
+  where no step contract applies, and the padding waste of a plan.
 - `pad_collate` / `PadCollator`: right padding, attention mask, padded labels -100 (by position, never by token id).
 - `pack_collate`: rows concatenated into one sequence with restarting `position_ids` and no attention mask;
   only for models where `supports_exact_packing` is true (see there for what was verified).
-- `budget_train_dataloader` / `BudgetTrainer`: the Trainer integration.
+- `QabotTrainer`: the Trainer with these training batches and a token-mean evaluation
+  (`pipeline_lib.evaluation`), whatever the evaluation batch size.
 
 Loss normalisation with gradient accumulation (transformers 5.x, verified by tests): the Trainer counts the
 label tokens of all micro-batches of one optimizer step (`num_items_in_batch`, over `labels[..., 1:]`), the
 model's loss is the *sum* of token losses divided by that count, and the micro-batch losses are not divided
 by the number of accumulation steps. The accumulated gradient is therefore the gradient of the mean over
-every label token of the step, whatever the number of rows or tokens of each micro-batch, which is what
-variable-size batches need. `BudgetTrainer` keeps this true for models whose forward does not take loss
-keyword arguments by computing the same token-sum loss itself (`token_sum_loss`).
+every label token of the step, whatever the number of rows or tokens of each micro-batch. `QabotTrainer`
+keeps this true for models whose forward does not take loss keyword arguments by computing the same
+token-sum loss itself (`token_sum_loss`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -38,7 +46,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import Trainer
 
 IGNORE_INDEX = -100
-MEGABATCH_BATCHES = 32  # batches' worth of rows sorted together: larger = less padding, less randomness
+MEGABATCH_STEPS = 16  # steps' worth of rows sorted together in `plan_steps`
 
 # Attention implementations for which packing through position_ids was checked to give the same per-row
 # logits and losses as running each row alone (fp32, tests/test_batching.py; flex_attention by hand on CPU).
@@ -64,12 +72,26 @@ def _capacity(length: int, tokens_per_batch: int, max_rows: int | None) -> int:
     return min(cap, max_rows) if max_rows else cap
 
 
-def _greedy(order: Sequence[int], lengths: Sequence[int], tokens_per_batch: int, max_rows: int | None):
-    """Cut `order` (longest first) into batches: add rows while rows x longest <= budget and rows <= max_rows."""
+def _sorted_desc(idx: list[int], lengths: Sequence[int]) -> list[int]:
+    return sorted(idx, key=lambda i: -lengths[i])  # stable: ties keep their (shuffled) order
+
+
+def plan_batches(
+    lengths: Sequence[int], tokens_per_batch: int, max_rows: int | None = None
+) -> list[list[int]]:
+    """Row indices in batches under a token budget, for evaluation: all rows sorted longest first and cut
+    greedily, so a batch holds rows x longest row <= `tokens_per_batch` (a row longer than the budget gets a
+    batch of its own) and at most `max_rows` rows. Deterministic; the fewest batches any plan can have (a
+    batch's capacity depends only on its longest row)."""
+    if tokens_per_batch < 1:
+        raise ValueError("tokens_per_batch must be positive")
+    if max_rows is not None and max_rows < 1:
+        raise ValueError("max_rows must be positive or None")
+    lengths = [int(x) for x in lengths]
     batches: list[list[int]] = []
     current: list[int] = []
     cap = 0
-    for i in order:
+    for i in _sorted_desc(list(range(len(lengths))), lengths):
         if current and len(current) >= cap:
             batches.append(current)
             current = []
@@ -78,132 +100,6 @@ def _greedy(order: Sequence[int], lengths: Sequence[int], tokens_per_batch: int,
         current.append(i)
     if current:
         batches.append(current)
-    return batches
-
-
-def _sorted_desc(idx: list[int], lengths: Sequence[int]) -> list[int]:
-    return sorted(idx, key=lambda i: -lengths[i])  # stable: ties keep their (shuffled) order
-
-
-def _megabatch_plan(lengths, tokens_per_batch, max_rows, rng: random.Random, megabatch_batches: int):
-    n = len(lengths)
-    idx = list(range(n))
-    rng.shuffle(idx)
-    typical = _capacity(int(statistics.median(lengths)), tokens_per_batch, max_rows)
-    chunk = max(1, megabatch_batches * typical)
-    batches: list[list[int]] = []
-    for start in range(0, n, chunk):
-        batches.extend(
-            _greedy(_sorted_desc(idx[start : start + chunk], lengths), lengths, tokens_per_batch, max_rows)
-        )
-    return batches
-
-
-def _global_plan(lengths, tokens_per_batch, max_rows, rng: random.Random | None):
-    """All rows sorted at once: the fewest batches any plan can have (see `plan_batches`)."""
-    idx = list(range(len(lengths)))
-    if rng is not None:
-        rng.shuffle(idx)  # random order among rows of equal length
-    return _greedy(_sorted_desc(idx, lengths), lengths, tokens_per_batch, max_rows)
-
-
-def _merge_to(batches, target, lengths, tokens_per_batch, max_rows):
-    """Merge neighbouring (by length) batches while the merged batch still fits, until `target` batches."""
-    batches = sorted(batches, key=lambda b: -max(lengths[i] for i in b))
-    k = 0
-    while len(batches) > target and k < len(batches) - 1:
-        a, b = batches[k], batches[k + 1]
-        longest = max(lengths[i] for i in a + b)
-        if len(a) + len(b) <= _capacity(longest, tokens_per_batch, max_rows):
-            batches[k : k + 2] = [_sorted_desc(a + b, lengths)]
-        else:
-            k += 1
-    return batches
-
-
-def _split_to(batches, target, lengths):
-    """Halve the batches with the most rows until there are `target` batches (halves fit the same budget)."""
-    batches = list(batches)
-    while len(batches) < target:
-        k = max(range(len(batches)), key=lambda j: len(batches[j]))
-        if len(batches[k]) < 2:
-            raise ValueError(f"cannot make {target} batches out of {sum(map(len, batches))} rows")
-        b = _sorted_desc(batches[k], lengths)
-        half = len(b) // 2
-        batches[k : k + 1] = [b[:half], b[half:]]
-    return batches
-
-
-def plan_batches(
-    lengths: Sequence[int],
-    tokens_per_batch: int,
-    max_rows: int | None,
-    seed: int,
-    shuffle: bool = True,
-    *,
-    num_batches: int | None = None,
-    megabatch_batches: int = MEGABATCH_BATCHES,
-) -> list[list[int]]:
-    """Group row indices into batches of similar length under a token budget.
-
-    - Every index appears exactly once. A batch holds rows x longest row <= `tokens_per_batch` and at most
-      `max_rows` rows; a row longer than the budget gets a batch of its own.
-    - `shuffle=True`: the rows are shuffled, cut into chunks of about `megabatch_batches` batches' worth,
-      each chunk is sorted by length and cut greedily, and the batch order is shuffled; the batch holding the
-      longest row goes first, so a memory peak shows at the first step. Deterministic for a given `seed`;
-      different seeds give different plans (use one per epoch).
-    - `shuffle=False`: all rows sorted longest first and cut greedily: deterministic, ignores `seed`, and has
-      the fewest batches any plan can have (cutting the length-sorted order greedily is optimal, since a
-      batch's capacity only depends on its longest row).
-    - `num_batches`: make exactly that many batches (splitting the fullest batches, or merging neighbours;
-      when merging cannot get there, a re-shuffled or fully sorted plan is used), so that every epoch has
-      the same number of steps.
-    """
-    if tokens_per_batch < 1:
-        raise ValueError("tokens_per_batch must be positive")
-    if max_rows is not None and max_rows < 1:
-        raise ValueError("max_rows must be positive or None")
-    lengths = [int(x) for x in lengths]
-    n = len(lengths)
-    if n == 0:
-        return []
-    if num_batches is not None and not 1 <= num_batches <= n:
-        raise ValueError(f"num_batches must be between 1 and {n}")
-
-    if not shuffle:
-        batches = _global_plan(lengths, tokens_per_batch, max_rows, None)
-        if num_batches is not None:
-            if len(batches) > num_batches:
-                raise ValueError(f"{n} rows need at least {len(batches)} batches under this budget")
-            batches = _split_to(batches, num_batches, lengths)
-            batches.sort(key=lambda b: -lengths[b[0]])
-        return batches
-
-    rng = random.Random(_derive_seed(seed, 0))
-    batches = _megabatch_plan(lengths, tokens_per_batch, max_rows, rng, megabatch_batches)
-    if num_batches is not None:
-        attempt = 0
-        while len(batches) > num_batches:
-            batches = _merge_to(batches, num_batches, lengths, tokens_per_batch, max_rows)
-            if len(batches) <= num_batches:
-                break
-            attempt += 1
-            if attempt < 4:
-                batches = _megabatch_plan(
-                    lengths,
-                    tokens_per_batch,
-                    max_rows,
-                    random.Random(_derive_seed(seed, attempt)),
-                    megabatch_batches,
-                )
-            else:
-                batches = _global_plan(lengths, tokens_per_batch, max_rows, rng)
-                if len(batches) > num_batches:
-                    raise ValueError(f"{n} rows need at least {len(batches)} batches under this budget")
-        batches = _split_to(batches, num_batches, lengths)
-    rng.shuffle(batches)
-    first = max(range(len(batches)), key=lambda j: max(lengths[i] for i in batches[j]))
-    batches[0], batches[first] = batches[first], batches[0]
     return batches
 
 
@@ -219,79 +115,113 @@ def padding_share(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> f
     return 0.0 if slots == 0 else 1.0 - real / slots
 
 
+def plan_steps(
+    lengths: Sequence[int],
+    batch_size: int,
+    seed: int,
+    group_by_length: bool = True,
+    megabatch_steps: int = MEGABATCH_STEPS,
+) -> list[list[int]]:
+    """One epoch as optimizer steps of `batch_size` row indices each (see the module docstring).
+
+    Every index appears exactly once; every step has `batch_size` rows but the last, which has the rest.
+    Deterministic for a given `seed` (use one per epoch); independent of any micro-batch size. Within a step
+    the rows are sorted longest first, so consecutive micro-batches hold rows of similar length.
+    `group_by_length=False`: plain random steps (what a Trainer without grouping does).
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be positive")
+    lengths = [int(x) for x in lengths]
+    n = len(lengths)
+    if n == 0:
+        return []
+    rng = random.Random(_derive_seed(seed, 1))
+    idx = list(range(n))
+    rng.shuffle(idx)
+    full = n - n % batch_size  # rows in full steps; the rest form the last, short step
+    head, tail = idx[:full], idx[full:]
+    if group_by_length:
+        chunk = batch_size * max(1, megabatch_steps)
+        head = [
+            i for start in range(0, full, chunk) for i in _sorted_desc(head[start : start + chunk], lengths)
+        ]
+    steps = [_sorted_desc(head[k : k + batch_size], lengths) for k in range(0, full, batch_size)]
+    rng.shuffle(steps)
+    if group_by_length and steps:
+        first = max(range(len(steps)), key=lambda j: lengths[steps[j][0]])
+        steps[0], steps[first] = steps[first], steps[0]
+    if tail:
+        steps.append(_sorted_desc(tail, lengths))
+    return steps
+
+
+def micro_batches(step: Sequence[int], micro_batch: int) -> list[list[int]]:
+    """A step's rows cut into consecutive micro-batches of `micro_batch` rows (the last may be smaller)."""
+    return [list(step[k : k + micro_batch]) for k in range(0, len(step), micro_batch)]
+
+
 def expected_padding_share(
     lengths: Sequence[int],
+    batch_size: int,
     micro_batch: int,
-    tokens_per_batch: int | None,
     group_by_length: bool = True,
     seed: int = 0,
 ) -> float:
-    """Padding share of one epoch: length-grouped under the budget (at most `micro_batch` rows), or, with
-    `group_by_length=False`, random batches of `micro_batch` rows (what a plain Trainer does)."""
+    """Padding share of one epoch's micro-batches under the step plan (`StepSampler` with these settings)."""
     lengths = [int(x) for x in lengths]
-    if not lengths:
-        return 0.0
-    if group_by_length:
-        budget = tokens_per_batch if tokens_per_batch else micro_batch * max(lengths)
-        return padding_share(plan_batches(lengths, budget, micro_batch, seed=seed), lengths)
-    idx = list(range(len(lengths)))
-    random.Random(seed).shuffle(idx)
-    return padding_share([idx[k : k + micro_batch] for k in range(0, len(idx), micro_batch)], lengths)
+    steps = plan_steps(lengths, batch_size, _derive_seed(seed, 0), group_by_length)
+    return padding_share([mb for st in steps for mb in micro_batches(st, micro_batch)], lengths)
 
 
-class TokenBudgetBatchSampler(Sampler[list[int]]):
-    """Yields the batches of `plan_batches` (use as `DataLoader(batch_sampler=...)`).
+class StepSampler(Sampler[list[int]]):
+    """Yields the micro-batches of `plan_steps` (use as `DataLoader(batch_sampler=...)`).
 
     Epoch `e` uses the plan for seed (seed, e) (`set_epoch`, which the Trainer calls before each epoch), so
-    every epoch is a new random grouping; each has the same number of batches as epoch 0, so `len()` (which
-    the Trainer uses for steps per epoch and the LR schedule) stays right. Deterministic: a resumed run sees
-    the same batches. Not rank-aware: under several processes `accelerate` deals whole batches out to ranks.
+    every epoch is a new grouping; all epochs have the same number of micro-batches, `len()`, from which the
+    Trainer derives the steps per epoch (`ceil(len / accumulation)` = the number of steps) and the LR schedule.
+    Deterministic: a resumed run sees the same steps. Not rank-aware: under several processes `accelerate`
+    deals whole micro-batches out to ranks.
     """
 
     def __init__(
         self,
         lengths: Sequence[int],
-        tokens_per_batch: int,
-        max_rows: int | None = None,
+        batch_size: int,
+        micro_batch: int,
         seed: int = 0,
-        shuffle: bool = True,
-        megabatch_batches: int = MEGABATCH_BATCHES,
+        group_by_length: bool = True,
     ) -> None:
+        if micro_batch < 1 or batch_size % micro_batch:
+            raise ValueError(f"micro_batch {micro_batch} must divide batch_size {batch_size}")
         self.lengths = [int(x) for x in lengths]
-        self.tokens_per_batch = tokens_per_batch
-        self.max_rows = max_rows
+        self.batch_size = batch_size
+        self.micro_batch = micro_batch
         self.seed = seed
-        self.shuffle = shuffle
-        self.megabatch_batches = megabatch_batches
+        self.group_by_length = group_by_length
         self.epoch = 0
         self._cache: tuple[int, list[list[int]]] | None = None
-        self._num_batches = len(self._plan(0, None))
+        n = len(self.lengths)
+        full, rest = divmod(n, batch_size)
+        self._len = full * (batch_size // micro_batch) + -(-rest // micro_batch)
 
-    def _plan(self, epoch: int, num_batches: int | None) -> list[list[int]]:
-        return plan_batches(
-            self.lengths,
-            self.tokens_per_batch,
-            self.max_rows,
-            seed=_derive_seed(self.seed, epoch),
-            shuffle=self.shuffle,
-            num_batches=num_batches,
-            megabatch_batches=self.megabatch_batches,
-        )
+    def steps(self) -> list[list[int]]:
+        """The steps of the current epoch."""
+        if self._cache is None or self._cache[0] != self.epoch:
+            plan = plan_steps(
+                self.lengths, self.batch_size, _derive_seed(self.seed, self.epoch), self.group_by_length
+            )
+            self._cache = (self.epoch, plan)
+        return self._cache[1]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def batches(self) -> list[list[int]]:
-        """The plan of the current epoch."""
-        if self._cache is None or self._cache[0] != self.epoch:
-            self._cache = (self.epoch, self._plan(self.epoch, self._num_batches))
-        return self._cache[1]
-
     def __iter__(self) -> Iterator[list[int]]:
-        yield from (list(b) for b in self.batches())
+        for step in self.steps():
+            yield from micro_batches(step, self.micro_batch)
 
     def __len__(self) -> int:
-        return self._num_batches
+        return self._len
 
 
 # ---- collators -----------------------------------------------------------------------------------------------
@@ -420,29 +350,33 @@ def _column(dataset: Any, name: str) -> list[int]:
     return [int(dataset[i][name]) for i in range(len(dataset))]
 
 
-def budget_train_dataloader(
+def step_train_dataloader(
     trainer: Any,
     dataset: Any,
-    tokens_per_batch: int,
-    max_rows: int | None = None,
+    batch_size: int,
+    micro_batch: int,
+    group_by_length: bool = True,
     length_column: str = "length",
     collate_fn: Any = None,
-    shuffle: bool = True,
 ) -> DataLoader:
-    """The training DataLoader of `trainer` for `dataset` (with a `length` column), batched under a token budget.
+    """The training DataLoader of `trainer` for `dataset` (with a `length` column), batched by `StepSampler`.
 
     Mirrors `Trainer._get_dataloader`: unused columns removed, the Trainer's dataloader settings and worker
-    seeding, then `trainer.accelerator.prepare`. The batch sampler is a `TokenBudgetBatchSampler` seeded with
-    `args.data_seed` (else `args.seed`); `len()` of the result is the exact number of micro-batches per epoch,
-    from which the Trainer derives steps per epoch and the LR schedule.
+    seeding, then `trainer.accelerator.prepare`. The sampler is seeded with `args.data_seed` (else
+    `args.seed`); `len()` of the result is the exact number of micro-batches per epoch.
     """
     import datasets
     from transformers.trainer_utils import seed_worker
 
     args = trainer.args
+    if args.gradient_accumulation_steps != batch_size // micro_batch:
+        raise ValueError(
+            f"gradient_accumulation_steps {args.gradient_accumulation_steps} must be "
+            f"batch_size {batch_size} / micro_batch {micro_batch}"
+        )
     lengths = _column(dataset, length_column)
     seed = args.data_seed if args.data_seed is not None else args.seed
-    sampler = TokenBudgetBatchSampler(lengths, tokens_per_batch, max_rows, seed=seed, shuffle=shuffle)
+    sampler = StepSampler(lengths, batch_size, micro_batch, seed=seed, group_by_length=group_by_length)
     collator = collate_fn if collate_fn is not None else trainer.data_collator
     if isinstance(dataset, datasets.Dataset):
         dataset = trainer._remove_unused_columns(dataset, description="Training")
@@ -473,69 +407,102 @@ def _pad_id(processing_class: Any, model: Any) -> int:
     return 0
 
 
-class BudgetTrainer(Trainer):
-    """A `transformers.Trainer` whose training batches are length-grouped under a token budget.
+class QabotTrainer(Trainer):
+    """A `transformers.Trainer` with the step contract of this module and a token-mean evaluation.
 
-    Extra keyword arguments: `tokens_per_batch` (rows x longest row per micro-batch), `max_rows_per_batch`
-    (None = no row cap), `packing` (concatenate each batch's rows; only where `supports_exact_packing`),
-    `length_column` (default "length"). `per_device_train_batch_size` is not used for training batches;
-    `gradient_accumulation_steps` still counts micro-batches per optimizer step. Without a `data_collator`
-    it uses `pad_collate` (or `pack_collate`). The loss is a token mean over each optimizer step (see the
-    module docstring), also for models whose forward does not take `num_items_in_batch`.
+    Extra keyword arguments: `batch_size` (rows per optimizer step; `per_device_train_batch_size` x
+    `gradient_accumulation_steps` must equal it), `group_by_length` (default True), `packing` (concatenate
+    each micro-batch's rows; only where `supports_exact_packing`), `eval_tokens_per_batch` (token budget of an
+    evaluation batch; it changes speed and memory, never the result), `length_column` (default "length").
+    Without a `data_collator` it uses `pad_collate` (or `pack_collate`). The training loss is a token mean
+    over each optimizer step (see the module docstring), also for models whose forward does not take
+    `num_items_in_batch`; `evaluate()` reports `eval_loss` as the token mean over the whole evaluation set,
+    with `eval_perplexity`, `eval_bits_per_byte` and the token and byte counts (`pipeline_lib.evaluation`).
     """
 
     def __init__(
         self,
         *args: Any,
-        tokens_per_batch: int,
-        max_rows_per_batch: int | None = None,
+        batch_size: int,
+        group_by_length: bool = True,
         packing: bool = False,
+        eval_tokens_per_batch: int = 4096,
         length_column: str = "length",
         **kwargs: Any,
     ) -> None:
-        if tokens_per_batch < 1:
-            raise ValueError("tokens_per_batch must be positive")
-        self.tokens_per_batch = int(tokens_per_batch)
-        self.max_rows_per_batch = max_rows_per_batch
+        self.batch_size = int(batch_size)
+        self.group_by_length = group_by_length
         self.packing = packing
+        self.eval_tokens_per_batch = int(eval_tokens_per_batch)
         self.length_column = length_column
         user_collator = kwargs.get("data_collator")
         super().__init__(*args, **kwargs)
+        micro = self.args.per_device_train_batch_size
+        if micro * self.args.gradient_accumulation_steps != self.batch_size:
+            raise ValueError(
+                f"micro-batch {micro} x accumulation {self.args.gradient_accumulation_steps} "
+                f"must equal batch_size {self.batch_size}"
+            )
         if packing and not supports_exact_packing(self.model):
             raise ValueError(
                 "packing=True: packing is not exact for this model/attention implementation; "
                 "use length-grouped padded batches (packing=False)"
             )
+        self.pad_token_id = _pad_id(self.processing_class, self.model)
         if user_collator is None:
-            self.data_collator = (
-                pack_collate if packing else PadCollator(_pad_id(self.processing_class, self.model))
-            )
+            self.data_collator = pack_collate if packing else PadCollator(self.pad_token_id)
         if not self.model_accepts_loss_kwargs and self.compute_loss_func is None:
             self.compute_loss_func = token_sum_loss
 
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
-        return budget_train_dataloader(
+        return step_train_dataloader(
             self,
             self.train_dataset,
-            self.tokens_per_batch,
-            self.max_rows_per_batch,
+            self.batch_size,
+            self.args.per_device_train_batch_size,
+            self.group_by_length,
             length_column=self.length_column,
         )
+
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Token-mean loss, perplexity and bits per byte over the whole evaluation set; logged like the
+        Trainer's own evaluation (callbacks see `on_evaluate`)."""
+        from pipeline_lib.evaluation import score_dataset
+
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        result = score_dataset(
+            self.model,
+            dataset,
+            pad_token_id=self.pad_token_id,
+            tokens_per_batch=self.eval_tokens_per_batch,
+            device=self.args.device,
+            bf16=self.args.bf16,
+        )
+        metrics = result.metrics(metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
 
 __all__ = [
     "IGNORE_INDEX",
-    "BudgetTrainer",
     "PadCollator",
+    "QabotTrainer",
+    "StepSampler",
     "expected_padding_share",
-    "TokenBudgetBatchSampler",
-    "budget_train_dataloader",
+    "micro_batches",
     "pack_collate",
     "pad_collate",
     "padding_share",
     "plan_batches",
+    "plan_steps",
+    "step_train_dataloader",
     "supports_exact_packing",
     "token_sum_loss",
 ]

@@ -192,11 +192,28 @@ class TrainingSettings(_Strict):
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description="'auto' turns it on when the memory budget requires it."
     )
-    group_by_length: bool = Field(True, description="Batch rows of similar length together to cut padding.")
+    group_by_length: bool = Field(
+        True,
+        description=(
+            "Put rows of similar length in the same optimizer step (and micro-batch) to cut padding; every "
+            "step still has exactly the model's batch_size rows."
+        ),
+    )
     tokens_per_micro_batch: int | None = Field(
         None,
         ge=64,
-        description="Token budget of one micro-batch (rows x longest row); None = from memory budget.",
+        description=(
+            "Cap on one micro-batch's size in tokens (rows x max_length): the micro-batch is the largest "
+            "divisor of batch_size within it, accumulation makes up the rest. None = from the memory budget."
+        ),
+    )
+    long_rows: Literal["cut", "drop"] = Field(
+        "cut",
+        description=(
+            "Training rows longer than max_length: 'cut' keeps the prompt and the start of the response "
+            "without EOS (never teaching the model to stop mid-answer); 'drop' leaves them out. Counted "
+            "either way. Held-out rows are always scored whole."
+        ),
     )
     bf16: bool = Field(True, description="Train in bfloat16 autocast where the device supports it.")
 

@@ -1012,15 +1012,39 @@ def sample_rows(rows: list[Row], max_rows: int, seed: int, audit: Audit | None =
     return [rows[i] for i in keep]
 
 
+def group_key(row: Mapping[str, Any]) -> str:
+    """What makes two rows "the same task": the normalised instruction and input (case, spacing and
+    punctuation ignored). Rows sharing it always land on the same side of the train/eval split, so the same
+    question with another answer can never be trained on and then evaluated as held out."""
+    return _norm(row["instruction"]) + "\x1f" + _norm(row.get("input") or "")
+
+
 def split(rows: list[Row], eval_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
-    """(train, eval): a seeded random `eval_fraction` of the rows (at least 1) held out; both keep file order."""
+    """(train, eval): whole groups of rows (`group_key`) held out until `eval_fraction` of the rows (at least
+    one group) is reached; the groups are taken in a seeded random order. Both sides keep file order, and
+    neither is ever empty."""
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be between 0 and 1, got {eval_fraction}")
     n = len(rows)
     if n < 2:
         raise ValueError(f"need at least 2 rows to split into train and eval, got {n}")
-    n_eval = min(n - 1, max(1, round(n * eval_fraction)))
-    held = set(random.Random(seed).sample(range(n), n_eval))
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(group_key(r), []).append(i)
+    if len(groups) < 2:
+        raise ValueError(
+            f"all {n} rows ask the same instruction and input; need at least 2 distinct ones to hold one out"
+        )
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    target = max(1, round(n * eval_fraction))
+    held: set[int] = set()
+    for key in keys[:-1]:  # the last group always stays in training
+        if len(held) >= target:
+            break
+        if held and len(held) + len(groups[key]) > n - 1:
+            continue
+        held.update(groups[key])
     train = [r for i, r in enumerate(rows) if i not in held]
     ev = [r for i, r in enumerate(rows) if i in held]
     return train, ev

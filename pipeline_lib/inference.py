@@ -27,36 +27,57 @@ def load_for_inference(model_dir: str | Path, device: str):
     return model, tokenizer
 
 
+def left_pad(prompt_ids: list[list[int]], pad_token_id: int):
+    """(input_ids, attention_mask) tensors with every row padded on the left, so generation continues each
+    row right after its last real token."""
+    import torch
+
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), int(pad_token_id), dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for r, p in enumerate(prompt_ids):
+        if p:
+            ids[r, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+            mask[r, width - len(p) :] = 1
+    return ids, mask
+
+
 def generate_answers(
     model, tokenizer, prompts: list[str], settings: InferenceSettings, device: str
 ) -> list[dict]:
-    """Greedy (or sampled) answers to `prompts`, `settings.batch_size` at a time; new tokens only."""
+    """Greedy (or sampled) answers to `prompts`, `settings.batch_size` at a time; new tokens only.
+
+    Prompts are tokenized exactly as in training (`tokenization.encode_prompts`: the tokenizer's prefix and
+    the prompt text, nothing appended) and left-padded with an attention mask."""
     import torch
 
+    from pipeline_lib.tokenization import encode_prompts
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[dict] = []
     for start in range(0, len(prompts), settings.batch_size):
         chunk = prompts[start : start + settings.batch_size]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+        input_ids, attention_mask = left_pad(encode_prompts(tokenizer, chunk), pad_id)
         t0 = time.time()
         with torch.inference_mode():
             gen = model.generate(
-                **enc,
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
                 max_new_tokens=settings.max_new_tokens,
                 do_sample=settings.do_sample,
                 temperature=settings.temperature if settings.do_sample else None,
                 top_p=None,
                 top_k=None,
                 repetition_penalty=settings.repetition_penalty,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=pad_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
         dt = time.time() - t0
-        new = gen[:, enc["input_ids"].shape[1] :]
+        new = gen[:, input_ids.shape[1] :]
         for row in new:
             ids = row.tolist()
             if tokenizer.eos_token_id in ids:
                 ids = ids[: ids.index(tokenizer.eos_token_id)]
-            ids = [i for i in ids if i != tokenizer.pad_token_id]
             out.append(
                 {
                     "answer": tokenizer.decode(ids, skip_special_tokens=True).strip(),

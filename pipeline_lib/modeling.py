@@ -14,6 +14,12 @@ Traps handled here, per architecture (transformers 5.x, bitsandbytes, peft):
   advice could be honoured.
 - Any model: a model fresh from `from_pretrained` is in eval mode, where gradient checkpointing does nothing;
   `load_model(for_training=True)` calls `.train()`.
+- bitsandbytes on CPUs with AVX512-BF16 (most cloud Xeons): the first forward of a `Linear4bit` in eval mode
+  without gradients repacks its weight, for good, into an inference-only layout served by a kernel without
+  an autograd formula; later *training* forwards then lose the gradient through the frozen weight, and output
+  sizes that are not multiples of 32 crash. `load_model` switches that repacking off on every 4-bit layer
+  (`keep_4bit_layers_trainable`), so training, evaluation during training and the merge-fidelity comparison
+  all run the same dequantize-and-matmul path on every CPU.
 """
 
 from __future__ import annotations
@@ -107,7 +113,7 @@ def resolve_base_model(
 ) -> ResolvedModel:
     """Find (and if needed download) `spec.base_model`; pin its exact version.
 
-    - `tiny:ARCH`: built once under `cache_dir`.
+    - `tiny:ARCH`: built once per recipe in the shared tiny-model cache (`tiny.default_cache_dir()`).
     - an existing local directory: used in place, fingerprinted by content.
     - otherwise a Hugging Face id: the revision is resolved to a commit sha first (one request, bounded by
       `timeout`), then config, tokenizer and weights of that commit are downloaded (safetensors when the
@@ -116,7 +122,7 @@ def resolve_base_model(
     """
     base = spec.base_model
     if is_tiny(base):
-        path, fp = materialize_tiny(base, cache_dir)
+        path, fp = materialize_tiny(base)
         return ResolvedModel(spec.name, base, str(path), None, fp, _model_type(path), "tiny")
     local = Path(base).expanduser()
     if local.is_dir():
@@ -257,6 +263,32 @@ def falcon_linear_as_nn_linear() -> Iterator[None]:
             modeling_falcon.FalconLinear = original
 
 
+def keep_4bit_layers_trainable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference (see the module docstring); undo a
+    repacking that already happened. Returns the number of 4-bit layers seen.
+
+    `Linear4bit.forward` repacks only when its `support_avx512bf16_for_cpu` attribute is true (set at
+    construction from the CPU's flags), so the attribute is cleared on every 4-bit layer; the packed layout is
+    detected from `quant_state.packing_format_for_cpu` and converted back with bitsandbytes' own inverse.
+    Weights stay bit-for-bit the same, only the kernel that multiplies them changes."""
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError:  # no bitsandbytes: no 4-bit layers
+        return 0
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        n += 1
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    return n
+
+
 def device_map_for(device: str) -> dict[str, Any]:
     if device == "cuda":
         import torch
@@ -293,6 +325,7 @@ def load_model(
     patch = falcon_linear_as_nn_linear() if quant is not None else contextlib.nullcontext()
     with patch:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    keep_4bit_layers_trainable(model)
     if not for_training:
         model.eval()
         return model
@@ -549,6 +582,11 @@ def tokenizer_report(
     bos_id = tokenizer.bos_token_id
     prepends_bos = bool(plain) and bos_id is not None and plain[0] == bos_id and len(plain) > len(bare)
     appends_eos = bool(plain) and plain[-1] == eos_id and len(plain) > len(bare)
+    if appends_eos:
+        warnings.append(
+            "the tokenizer appends EOS when encoding: prompts are encoded without it, in training and "
+            "inference alike (tokenization.encode_prompts)"
+        )
     cfg_bos = _ids(getattr(model_config, "bos_token_id", None))
     bos_matches = None if bos_id is None else (bos_id in cfg_bos if cfg_bos else None)
     if prepends_bos and bos_matches is False:

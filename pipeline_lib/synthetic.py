@@ -1,7 +1,18 @@
-"""Alpaca-format rows generated from templates: the smoke data set, test fixtures and benchmark input.
+"""Alpaca-format rows generated from a small, seeded world: the smoke data set, test fixtures, benchmark input.
 
-Deterministic for a given seed. Rows are short, varied and factual enough for a tiny model to learn
-something measurable in a few minutes on a CPU.
+The smoke world has two kinds of content:
+
+- **facts** (capitals, authors, painters, chemical formulas), each asked in several phrasings, so a fact seen
+  in training is asked again in other words; the smoke question set (`assets/smoke_question_set.md`) asks
+  about these facts;
+- **tasks whose answer follows from the input** (sums, equations, sorting, reversing, comparing, plurals,
+  antonyms, sentiment, ...), with random arguments, so nearly every row is unique and the held-out split is a
+  real held-out set: the same instruction and input never appears on both sides (`data.split` groups on it).
+
+`pretraining_texts` is the plain text the tiny base models are pre-trained on (`pipeline_lib.tiny`): the same
+facts, stated in other sentences than any instruction row uses and never in the instruction template, so a
+base model "knows" the world but not the question-and-answer format, and no smoke row (held-out ones least
+of all) is ever in its pre-training text. Deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -27,6 +38,14 @@ CAPITALS = [
     ("Chile", "Santiago"),
     ("Poland", "Warsaw"),
     ("Greece", "Athens"),
+    ("Portugal", "Lisbon"),
+    ("Sweden", "Stockholm"),
+    ("Mexico", "Mexico City"),
+    ("Argentina", "Buenos Aires"),
+    ("Turkey", "Ankara"),
+    ("Ireland", "Dublin"),
+    ("Cuba", "Havana"),
+    ("Vietnam", "Hanoi"),
 ]
 BOOKS = [
     ("To Kill a Mockingbird", "Harper Lee"),
@@ -35,129 +54,194 @@ BOOKS = [
     ("Moby-Dick", "Herman Melville"),
     ("Hamlet", "William Shakespeare"),
     ("War and Peace", "Leo Tolstoy"),
+    ("Don Quixote", "Miguel de Cervantes"),
+    ("The Odyssey", "Homer"),
+    ("Frankenstein", "Mary Shelley"),
+    ("Dracula", "Bram Stoker"),
 ]
 PAINTINGS = [
     ("The Starry Night", "Vincent van Gogh"),
     ("Mona Lisa", "Leonardo da Vinci"),
     ("The Persistence of Memory", "Salvador Dali"),
     ("Guernica", "Pablo Picasso"),
+    ("The Scream", "Edvard Munch"),
+    ("Girl with a Pearl Earring", "Johannes Vermeer"),
 ]
-FORMULAS = [("table salt", "NaCl"), ("water", "H2O"), ("carbon dioxide", "CO2"), ("methane", "CH4")]
+FORMULAS = [
+    ("table salt", "NaCl"),
+    ("water", "H2O"),
+    ("carbon dioxide", "CO2"),
+    ("methane", "CH4"),
+    ("ammonia", "NH3"),
+    ("ozone", "O3"),
+    ("hydrogen peroxide", "H2O2"),
+]
 THREATS = ["phishing", "malware", "ransomware", "denial of service", "SQL injection", "spyware"]
-ADJECTIVES = ["happy", "slow", "bright", "quiet", "strong", "gentle", "brave", "calm"]
-SENTENCES = [
-    "The weather today is wonderful and sunny.",
-    "I did not enjoy the movie at all.",
-    "The service at the restaurant was excellent.",
-    "This product broke after one day.",
-    "Our team finished the project on time.",
+ANTONYMS = {
+    "hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "light": "dark", "early": "late",
+    "open": "closed", "full": "empty", "strong": "weak", "high": "low", "old": "new", "wet": "dry",
+}  # fmt: skip
+PLURALS = {
+    "cat": "cats", "house": "houses", "child": "children", "mouse": "mice", "box": "boxes", "city": "cities",
+    "tooth": "teeth", "leaf": "leaves", "bus": "buses", "person": "people", "story": "stories", "foot": "feet",
+}  # fmt: skip
+WORDS = (
+    "river garden planet window forest candle bridge island music letter mountain pencil ocean rocket "
+    "station picture basket orange yellow silver market winter summer doctor teacher village engine"
+).split()
+GOOD = ["wonderful", "excellent", "delightful", "great", "lovely"]
+BAD = ["terrible", "awful", "disappointing", "horrible", "dreadful"]
+THINGS = ["movie", "meal", "hotel", "concert", "book", "service", "trip", "game"]
+SUBJECTS = ["She", "He", "My brother", "The teacher", "Our neighbour", "The child"]
+VERBS_PRESENT_PAST = [
+    ("walks to school", "walked to school"),
+    ("plays the piano", "played the piano"),
+    ("cooks dinner", "cooked dinner"),
+    ("paints the fence", "painted the fence"),
+    ("cleans the kitchen", "cleaned the kitchen"),
+    ("visits the museum", "visited the museum"),
 ]
 
 
-def _rows(rng: random.Random) -> list[dict]:
-    country, capital = rng.choice(CAPITALS)
-    book, author = rng.choice(BOOKS)
-    painting, painter = rng.choice(PAINTINGS)
-    thing, formula = rng.choice(FORMULAS)
-    a, x = rng.randint(2, 9), rng.randint(1, 12)
-    b = rng.randint(1, 20)
-    c = a * x + b
+def fact_rows() -> list[dict]:
+    """Every fact of the world in every phrasing, once each (the fact part of the smoke data)."""
+    rows: list[tuple[str, str, str]] = []
+    for country, capital in CAPITALS:
+        rows += [
+            (f"What is the capital city of {country}?", "", f"The capital city of {country} is {capital}."),
+            (f"Which city is the capital of {country}?", "", f"{capital} is the capital of {country}."),
+            (f"Tell me the capital of {country}.", "", f"The capital of {country} is {capital}."),
+            ("Name the capital of the given country.", country, f"{capital}."),
+        ]
+    for book, author in BOOKS:
+        rows += [
+            (f'Who wrote the novel "{book}"?', "", f'"{book}" was written by {author}.'),
+            (f'Who is the author of "{book}"?', "", f'The author of "{book}" is {author}.'),
+            ("Name the author of the given book.", book, f"{author}."),
+        ]
+    for painting, painter in PAINTINGS:
+        rows += [
+            (f'Who painted the famous artwork "{painting}"?', "", f'"{painting}" was painted by {painter}.'),
+            (f'Which artist painted "{painting}"?', "", f'{painter} painted "{painting}".'),
+        ]
+    for thing, formula in FORMULAS:
+        rows += [
+            (
+                f"What is the chemical formula for {thing}?",
+                "",
+                f"The chemical formula for {thing} is {formula}.",
+            ),
+            (f"Give the chemical formula of {thing}.", "", f"{formula}."),
+        ]
+    return [dict(zip(("instruction", "input", "output"), r, strict=True)) for r in rows]
+
+
+def _task_rows(rng: random.Random) -> list[dict]:
+    a, b = rng.randint(2, 60), rng.randint(2, 60)
+    k, x, c = rng.randint(2, 9), rng.randint(1, 12), rng.randint(1, 20)
+    nums = rng.sample(range(1, 100), rng.randint(3, 6))
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    word = rng.choice(WORDS)
+    n = rng.randint(2, 99)
     r = rng.randint(1, 10)
-    adj = rng.choice(ADJECTIVES)
-    sent = rng.choice(SENTENCES)
-    positive = any(w in sent for w in ("wonderful", "excellent", "on time"))
+    adj = rng.choice(sorted(ANTONYMS))
+    noun = rng.choice(sorted(PLURALS))
+    good = rng.random() < 0.5
+    review = f"The {rng.choice(THINGS)} was {rng.choice(GOOD if good else BAD)}."
+    subject = rng.choice(SUBJECTS)
+    present, past = rng.choice(VERBS_PRESENT_PAST)
+    sentence = " ".join(rng.choices(WORDS, k=rng.randint(3, 9))).capitalize() + "."
     threats = rng.sample(THREATS, 3)
-    return [
-        {
-            "instruction": f"What is the capital city of {country}?",
-            "input": "",
-            "output": f"The capital city of {country} is {capital}.",
-        },
-        {
-            "instruction": "Name the capital of the given country.",
-            "input": country,
-            "output": f"{capital} is the capital of {country}.",
-        },
-        {
-            "instruction": f'Who wrote the novel "{book}"?',
-            "input": "",
-            "output": f'"{book}" was written by {author}.',
-        },
-        {
-            "instruction": f'Who painted "{painting}"?',
-            "input": "",
-            "output": f'"{painting}" was painted by {painter}.',
-        },
-        {
-            "instruction": f"What is the chemical formula for {thing}?",
-            "input": "",
-            "output": f"The chemical formula for {thing} is {formula}.",
-        },
-        {
-            "instruction": f"Solve the equation {a}x + {b} = {c}.",
-            "input": "",
-            "output": f"Subtract {b} from both sides to get {a}x = {c - b}, then divide by {a}: x = {x}.",
-        },
-        {
-            "instruction": "Calculate the area of a circle with the given radius.",
-            "input": f"radius = {r}",
-            "output": f"The area is pi * r ** 2 = 3.14159 * {r * r} = {3.14159 * r * r:.2f}.",
-        },
-        {
-            "instruction": "Name three common cybersecurity threats.",
-            "input": "",
-            "output": f"Three common threats are {threats[0]}, {threats[1]} and {threats[2]}.",
-        },
-        {
-            "instruction": "Write a Python function that sums two vectors.",
-            "input": "",
-            "output": "def add_vectors(a, b):\n    return [x + y for x, y in zip(a, b)]",
-        },
-        {
-            "instruction": "Classify the sentiment of the sentence as positive or negative.",
-            "input": sent,
-            "output": "positive" if positive else "negative",
-        },
-        {
-            "instruction": f"Give a synonym of the word '{adj}'.",
-            "input": "",
-            "output": {
-                "happy": "joyful",
-                "slow": "sluggish",
-                "bright": "shiny",
-                "quiet": "silent",
-                "strong": "powerful",
-                "gentle": "kind",
-                "brave": "courageous",
-                "calm": "peaceful",
-            }[adj],
-        },
-        {
-            "instruction": "Rewrite the sentence in the past tense.",
-            "input": "She walks to school every day.",
-            "output": "She walked to school every day.",
-        },
-        {
-            "instruction": "Explain what machine learning is in one sentence.",
-            "input": "",
-            "output": "Machine learning is a way for computers to learn patterns from data without being explicitly programmed.",
-        },
-        {
-            "instruction": "Who was the first person to walk on the moon?",
-            "input": "",
-            "output": "Neil Armstrong was the first person to walk on the moon, in 1969.",
-        },
-    ]
+    fn = rng.choice(["add_vectors", "vector_sum", "sum_vectors", "add"])
+    rows = [
+        (f"What is {a} plus {b}?", "", f"{a} plus {b} is {a + b}."),
+        ("Add the two numbers.", f"{a} and {b}", f"{a + b}"),
+        (
+            f"Solve the equation {k}x + {c} = {k * x + c}.",
+            "",
+            f"Subtract {c} from both sides to get {k}x = {k * x}, then divide by {k}: x = {x}.",
+        ),
+        ("Sort the numbers from smallest to largest.", ", ".join(map(str, nums)), ", ".join(map(str, sorted(nums)))),
+        ("Reverse the order of the words.", " ".join(words), " ".join(reversed(words))),
+        ("Write the word in capital letters.", word, word.upper()),
+        (f"What is the first letter of the word '{word}'?", "", f"The first letter of '{word}' is '{word[0]}'."),
+        ("How many words are in the sentence?", sentence, f"There are {len(sentence.split())} words."),
+        (f"Which number is larger, {a} or {b}?", "", f"{max(a, b)} is larger." if a != b else "They are equal."),
+        (f"Is {n} even or odd?", "", f"{n} is {'even' if n % 2 == 0 else 'odd'}."),
+        (f"What is the plural of '{noun}'?", "", f"The plural of '{noun}' is '{PLURALS[noun]}'."),
+        (f"Give the opposite of the word '{adj}'.", "", ANTONYMS[adj]),
+        ("Classify the sentiment of the review as positive or negative.", review, "positive" if good else "negative"),
+        ("Rewrite the sentence in the past tense.", f"{subject} {present} every day.", f"{subject} {past} every day."),
+        (
+            "Calculate the area of a circle with the given radius.",
+            f"radius = {r}",
+            f"The area is pi * r ** 2 = 3.14159 * {r * r} = {3.14159 * r * r:.2f}.",
+        ),
+        ("Name three common cybersecurity threats.", "", f"Three common threats are {threats[0]}, {threats[1]} and {threats[2]}."),
+        (
+            f"Write a Python function named {fn} that sums two vectors.",
+            "",
+            f"def {fn}(a, b):\n    return [x + y for x, y in zip(a, b)]",
+        ),
+    ]  # fmt: skip
+    return [dict(zip(("instruction", "input", "output"), row, strict=True)) for row in rows]
+
+
+FACT_SHARE = 0.2  # share of fact rows in `alpaca_rows`, up to every fact once
 
 
 def alpaca_rows(n: int, seed: int = 0) -> list[dict]:
-    """`n` clean Alpaca-format rows (instruction, input, output), deterministic for `seed`."""
+    """`n` clean Alpaca-format rows of the smoke world, deterministic for `seed`: about `FACT_SHARE` fact
+    rows (distinct, at most every fact in every phrasing once) and task rows with random arguments, shuffled."""
     rng = random.Random(seed)
-    out: list[dict] = []
+    facts = fact_rows()
+    rng.shuffle(facts)
+    out = facts[: min(len(facts), round(n * FACT_SHARE))]
     while len(out) < n:
-        out.extend(_rows(rng))
+        out.extend(rng.sample(_task_rows(rng), 4))
+    out = out[:n]
     rng.shuffle(out)
-    return out[:n]
+    return out
+
+
+def pretraining_texts(n: int, seed: int = 0) -> list[str]:
+    """`n` short plain-text passages about the smoke world, for pre-training the tiny base models: its facts
+    in sentences that no instruction row uses, simple arithmetic and word facts, and no instruction template."""
+    rng = random.Random(seed)
+    statements: list[str] = []
+    for country, capital in CAPITALS:
+        statements += [
+            f"{country} has its capital in {capital}.",
+            f"The government of {country} sits in {capital}.",
+        ]
+    for book, author in BOOKS:
+        statements += [f"{author} is known for the book {book}.", f"The book {book} is by {author}."]
+    for painting, painter in PAINTINGS:
+        statements += [
+            f"{painter} made the painting {painting}.",
+            f"The painting {painting} is by {painter}.",
+        ]
+    for thing, formula in FORMULAS:
+        statements += [
+            f"One molecule of {thing} is written {formula}.",
+            f"Chemists write {thing} as {formula}.",
+        ]
+    for word, opposite in ANTONYMS.items():
+        statements.append(f"Something {word} is the opposite of something {opposite}.")
+    for one, many in PLURALS.items():
+        statements.append(f"One {one}, two {many}.")
+    out: list[str] = []
+    for _ in range(n):
+        kind = rng.random()
+        if kind < 0.6:
+            out.append(" ".join(rng.sample(statements, rng.randint(2, 4))))
+        elif kind < 0.8:
+            a, b = rng.randint(2, 60), rng.randint(2, 60)
+            out.append(f"{a} and {b} together make {a + b}. Take {b} away again and {a} is left.")
+        else:
+            words = rng.sample(WORDS, rng.randint(4, 8))
+            out.append(" ".join(words).capitalize() + ". " + ", ".join(sorted(words)) + ".")
+    return out
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:

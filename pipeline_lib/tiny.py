@@ -8,24 +8,42 @@ size, and tokenizers whose special tokens behave like the real ones:
 - bloom: `<pad>` pad token, `</s>` EOS, no BOS prepended (like Bloom);
 - falcon: `<|endoftext|>` is BOS, EOS and UNK, no pad token (like Falcon-RW's GPT-2 BPE).
 
-The weights are not left random: each model is pre-trained for a few hundred steps on plain generated
-text (facts, sums, short answers — no instruction template), so that, like a real base model, it "knows"
-the tiny world but not the Alpaca instruction format. Fine-tuning then has something real to teach, and
-the comparison report shows differences between architectures. Seeded; built once and cached.
+Every dimension that becomes a linear layer's size is a multiple of 64, as in the real models (bitsandbytes'
+CPU kernels, for one, assume output sizes in multiples of 32).
+
+The weights are not left random: each model is pre-trained for a few hundred steps on plain text about the
+smoke world (`synthetic.pretraining_texts`: its facts in other sentences than the instruction rows, sums,
+word lists — no instruction template and no smoke row), so that, like a real base model, it "knows" the
+world but not the Alpaca instruction format. Fine-tuning then has something real to teach, and the
+comparison report shows differences between architectures.
+
+Built once per recipe: a model is cached under `tiny-<arch>-<recipe hash>` in a shared cache directory
+(`default_cache_dir()`), so tests, the demo and every run on the machine reuse it; the hash covers every
+setting below, the generated corpus and the torch version, so a changed recipe builds a new model. Concurrent
+builders wait on a lock; a build is moved into place only when complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from pipeline_lib.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
+from pipeline_lib.prompts import build_prompt
 
 ARCHS = ("llama", "bloom", "falcon")
 TINY_PREFIX = "tiny:"
-TINY_VERSION = 2  # bump when the recipe below changes
-PRETRAIN_STEPS = 200
+TINY_VERSION = 3  # bump when the recipe changes in a way the hash below cannot see (the code)
+PRETRAIN_STEPS = 300
+PRETRAIN_TEXTS = 4000
+VOCAB_SIZE = 1024
+HIDDEN = 64
+LAYERS = 2
+HEADS = 4
+INTERMEDIATE = 192  # llama's gated MLP (open_llama_3b: 8640 = 2.7 x 3200); Bloom and Falcon use 4 x hidden
 
 _SPECIALS = {
     "llama": {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": None, "add_bos": True},
@@ -53,11 +71,12 @@ def tiny_arch(base_model: str) -> str:
 
 def _corpus() -> list[str]:
     from pipeline_lib.questions import load_questions
-    from pipeline_lib.synthetic import alpaca_rows
+    from pipeline_lib.synthetic import alpaca_rows, pretraining_texts
 
-    texts = [PROMPT_WITH_INPUT, PROMPT_NO_INPUT]
-    for r in alpaca_rows(2000, seed=1):
-        texts.append(f"{r['instruction']}\n{r['input']}\n{r['output']}")
+    # Rows in the prompt template, as real tokenizers see a lot of English: the template's words become a
+    # few tokens each instead of dozens of byte pieces (about 30 tokens a prompt, as with real tokenizers).
+    texts = [build_prompt(r["instruction"], r["input"]) + r["output"] for r in alpaca_rows(2000, seed=1)]
+    texts += pretraining_texts(1000, seed=1)
     texts += [q.question for q in load_questions()]
     # Other scripts, so that non-English rows tokenize into real pieces, not only bytes.
     texts += [
@@ -71,7 +90,7 @@ def _corpus() -> list[str]:
     return texts
 
 
-def build_tokenizer(arch: str, out_dir: str | Path, vocab_size: int = 1024):
+def build_tokenizer(arch: str, out_dir: str | Path, vocab_size: int = VOCAB_SIZE):
     """Train a byte-level BPE tokenizer with `arch`'s special-token behaviour; save and return it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -123,22 +142,22 @@ def tiny_config(arch: str, tokenizer):
     )
     if arch == "llama":  # open_llama_3b: untied head, SiLU gated MLP, RMSNorm, rotary
         return LlamaConfig(
-            hidden_size=64,
-            intermediate_size=172,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
+            hidden_size=HIDDEN,
+            intermediate_size=INTERMEDIATE,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=HEADS,
             max_position_embeddings=2048,
             tie_word_embeddings=False,
             **ids,
         )
     if arch == "bloom":  # bloom-3b: ALiBi, fused query_key_value, tied head
-        return BloomConfig(hidden_size=64, n_layer=2, n_head=4, **ids)
+        return BloomConfig(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, **ids)
     if arch == "falcon":  # falcon-rw-1b: ALiBi, no new decoder architecture, sequential attn/MLP, biases
         return FalconConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
             alibi=True,
             bias=True,
             new_decoder_architecture=False,
@@ -150,22 +169,36 @@ def tiny_config(arch: str, tokenizer):
     raise ValueError(f"unknown architecture {arch!r}")
 
 
+def linear_sizes(config) -> set[int]:
+    """Every input and output size of the linear layers a config builds (for the multiple-of-64 rule)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {
+        n for m in model.modules() if isinstance(m, torch.nn.Linear) for n in (m.in_features, m.out_features)
+    }
+
+
+def pretraining_corpus(seed: int = 0) -> list[str]:
+    """The plain text the tiny models are pre-trained on (`synthetic.pretraining_texts`)."""
+    from pipeline_lib.synthetic import pretraining_texts
+
+    return pretraining_texts(PRETRAIN_TEXTS, seed + 11)
+
+
 def pretrain(
     model, tokenizer, steps: int = PRETRAIN_STEPS, seed: int = 0, batch_size: int = 32
 ) -> list[float]:
-    """Plain language-model training on generated text (no prompt template); returns the losses."""
+    """Plain language-model training on the smoke world's text (no prompt template); returns the losses."""
     import random
 
     import torch
 
-    from pipeline_lib.synthetic import alpaca_rows
-
     rng = random.Random(seed)
-    texts = [
-        " ".join(t for t in (r["instruction"], r["input"], r["output"]) if t)
-        for r in alpaca_rows(2000, seed + 11)
-    ]
-    encoded = [ids[:64] + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
+    texts = pretraining_corpus(seed)
+    encoded = [ids[:96] + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
@@ -204,6 +237,33 @@ def build_tiny_model(
     return out_dir
 
 
+def recipe_hash(arch: str) -> str:
+    """Identity of everything that decides a tiny model's files: sizes, steps, corpora, special tokens, versions."""
+    import torch
+    import transformers
+
+    recipe = {
+        "version": TINY_VERSION,
+        "arch": arch,
+        "specials": _SPECIALS[arch],
+        "dims": [VOCAB_SIZE, HIDDEN, LAYERS, HEADS, INTERMEDIATE],
+        "pretrain": [PRETRAIN_STEPS, PRETRAIN_TEXTS],
+        "tokenizer_corpus": hashlib.sha256("\x00".join(_corpus()).encode()).hexdigest(),
+        "pretrain_corpus": hashlib.sha256("\x00".join(pretraining_corpus()).encode()).hexdigest(),
+        "torch": ".".join(torch.__version__.split(".")[:2]),
+        "transformers": transformers.__version__.split(".")[0],
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def default_cache_dir() -> Path:
+    """Where tiny models are cached: $QABOT_TINY_CACHE, else $XDG_CACHE_HOME/qabot/tiny (~/.cache/qabot/tiny)."""
+    if os.environ.get("QABOT_TINY_CACHE"):
+        return Path(os.environ["QABOT_TINY_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "qabot" / "tiny"
+
+
 def directory_fingerprint(path: str | Path) -> str:
     """sha256 over the names and contents of every file in a directory (sorted)."""
     h = hashlib.sha256()
@@ -216,21 +276,31 @@ def directory_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def materialize_tiny(base_model: str, cache_dir: str | Path) -> tuple[Path, str]:
-    """Build (once) the tiny model named `tiny:ARCH` under `cache_dir`; return (path, fingerprint)."""
+def materialize_tiny(base_model: str, cache_dir: str | Path | None = None) -> tuple[Path, str]:
+    """Build (once per recipe) the tiny model named `tiny:ARCH` under `cache_dir` (default:
+    `default_cache_dir()`); return (path, fingerprint). Safe to call from several processes at once."""
+    import fcntl
+
     arch = tiny_arch(base_model)
-    out = Path(cache_dir) / f"tiny-{arch}-v{TINY_VERSION}"
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / f"tiny-{arch}-{recipe_hash(arch)}"
     marker = out / "qabot_tiny.json"
     if not marker.exists():
-        tmp = out.with_name(out.name + ".partial")
-        build_tiny_model(arch, tmp)
-        fp = directory_fingerprint(tmp)
-        (tmp / "qabot_tiny.json").write_text(
-            json.dumps({"arch": arch, "version": TINY_VERSION, "fingerprint": fp})
-        )
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        tmp.rename(out)
+        with open(root / f".{out.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds the model
+            if not marker.exists():
+                tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=root))
+                try:
+                    build_tiny_model(arch, tmp)
+                    fp = directory_fingerprint(tmp)
+                    (tmp / "qabot_tiny.json").write_text(
+                        json.dumps({"arch": arch, "recipe": out.name, "fingerprint": fp})
+                    )
+                    if out.exists():
+                        shutil.rmtree(out)
+                    tmp.rename(out)
+                finally:
+                    if tmp.exists():
+                        shutil.rmtree(tmp)
     return out, json.loads(marker.read_text())["fingerprint"]

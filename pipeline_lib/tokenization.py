@@ -11,18 +11,23 @@ Layout of one example (`max_length` tokens at most)::
   taken off the front of a joint encoding. Where the joint encoding does not start with the prompt's tokens
   (a token merges across the boundary), the response is tokenized on its own instead; such rows are counted
   (`n_boundary_split`). See `_responses_in_context` for how this avoids encoding each prompt twice.
-- BOS only where the tokenizer itself adds one (detected, never assumed); the EOS id is appended as an id,
-  never as text, and is the last label of every example, truncated or not.
+- BOS only where the tokenizer itself adds one (detected, never assumed), and nothing the tokenizer would
+  append (some append EOS) — `encode_prompts` gives inference exactly the same prompt ids; the EOS id is
+  appended as an id, never as text, and is the last label of every example that is not cut.
 - Literal special-token strings inside the data (say a response containing "</s>") are tokenized as text,
   so they can never act as control tokens.
 
-Truncation policy (counted, never silent):
+Rows longer than `max_length` (`long_rows`, counted, never silent):
 
-- a row longer than `max_length` keeps its whole prompt and a truncated response, and still ends with EOS
-  (`truncated=True`);
-- a row whose prompt leaves no room for at least one response token plus EOS is dropped (`encode_example`
-  returns None, `tokenize_split` counts it in `n_dropped`): cutting the prompt instead would train on a prompt
-  that inference never shows the model.
+- "cut": the row keeps its whole prompt and the start of its response, *without* EOS (`truncated=True`):
+  an EOS after a cut response would teach the model to stop in the middle of an answer;
+- "drop": the row is left out (`n_dropped_long`);
+- either way, a row whose prompt leaves no room for a response token is dropped (`n_dropped_prompt`):
+  cutting the prompt instead would train on a prompt that inference never shows the model.
+
+Held-out splits are tokenized with `long_rows="drop"` and a generous `max_length` (`EVAL_MAX_LENGTH`), so
+every held-out row is scored whole, with its EOS, and its `response_bytes` (the UTF-8 size of the response
+text, for bits per byte) describe exactly the tokens scored.
 
 Padding: labels are built here, so padded positions are excluded by position (the collators in
 `pipeline_lib.batching` give them label -100 and attention 0), never by comparing token ids. A pad token
@@ -45,7 +50,9 @@ from typing import Any, TypedDict
 from pipeline_lib.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, RESPONSE_MARKER, build_prompt
 
 IGNORE_INDEX = -100
-TOKENIZATION_VERSION = 1  # bump when the example layout or the truncation policy changes
+TOKENIZATION_VERSION = 2  # bump when the example layout or the truncation policy changes
+LONG_ROWS = ("cut", "drop")
+EVAL_MAX_LENGTH = 2048  # held-out rows longer than this (tokens) are dropped, never cut
 STATS_FILE = "qabot_tokenized.json"
 _CHUNK_ROWS = 2048  # rows per batched tokenizer call
 _CHECK_ROWS = 64  # rows per call whose response is also encoded after the whole prompt, as a check
@@ -70,6 +77,11 @@ class EncodedExample(TypedDict):
     labels: list[int]
     length: int
     truncated: bool
+    response_bytes: int
+
+
+DROPPED_PROMPT = "prompt"  # the prompt alone leaves no room for a response token
+DROPPED_LONG = "long"  # longer than max_length under long_rows="drop"
 
 
 def template_version() -> str:
@@ -140,18 +152,38 @@ def _strip_prefix(prefixes: list[list[int]], joint: list[list[int]]) -> list[lis
 
 
 def _assemble(
-    prefix: list[int], prompt_ids: list[int], response_ids: list[int], eos_id: int, max_length: int
-) -> EncodedExample | None:
+    prefix: list[int],
+    prompt_ids: list[int],
+    response_ids: list[int],
+    eos_id: int,
+    max_length: int,
+    long_rows: str,
+    response_bytes: int,
+) -> EncodedExample | str:
+    """The example, or why it was dropped (`DROPPED_PROMPT` / `DROPPED_LONG`)."""
     head = prefix + prompt_ids
-    room = max_length - len(head) - 1  # response tokens that fit before the EOS
-    if room < min(1, len(response_ids)):
-        return None  # the prompt alone leaves no room for a response: dropped
-    truncated = len(response_ids) > room
-    if truncated:
-        response_ids = response_ids[:room]
-    input_ids = head + response_ids + [eos_id]
-    labels = [IGNORE_INDEX] * len(head) + response_ids + [eos_id]
-    return EncodedExample(input_ids=input_ids, labels=labels, length=len(input_ids), truncated=truncated)
+    if len(head) + len(response_ids) + 1 <= max_length:
+        input_ids = head + response_ids + [eos_id]
+        labels = [IGNORE_INDEX] * len(head) + response_ids + [eos_id]
+        return EncodedExample(
+            input_ids=input_ids,
+            labels=labels,
+            length=len(input_ids),
+            truncated=False,
+            response_bytes=response_bytes,
+        )
+    if len(head) >= max_length or (not response_ids and len(head) + 1 > max_length):
+        return DROPPED_PROMPT
+    if long_rows == "drop":
+        return DROPPED_LONG
+    kept = response_ids[: max_length - len(head)]  # no EOS: the answer does not end here
+    return EncodedExample(
+        input_ids=head + kept,
+        labels=[IGNORE_INDEX] * len(head) + kept,
+        length=len(head) + len(kept),
+        truncated=True,
+        response_bytes=response_bytes,
+    )
 
 
 def _responses_in_context(tokenizer, prompts: list[str], prompt_ids: list[list[int]], outputs: Sequence[str]):
@@ -189,20 +221,32 @@ def _responses_in_context(tokenizer, prompts: list[str], prompt_ids: list[list[i
     return responses, len(split_rows)
 
 
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Prompt token ids exactly as training lays them out: the tokenizer's own prefix (BOS, if it adds one)
+    and the prompt text, nothing appended — a tokenizer that appends EOS would otherwise end every
+    inference prompt with "stop"."""
+    prefix = special_prefix(tokenizer)
+    return [prefix + ids for ids in _encode_texts(tokenizer, list(prompts))]
+
+
 def encode_batch(
     tokenizer,
     instructions: Sequence[str],
     inputs: Sequence[str],
     outputs: Sequence[str],
     max_length: int,
-) -> tuple[list[EncodedExample | None], int]:
+    long_rows: str = "cut",
+) -> tuple[list[EncodedExample | str], int]:
     """Encode many rows with batched tokenizer calls; returns (examples, rows whose response had to be
     tokenized on its own because a token spans the prompt/response boundary).
 
-    An entry is None where the row was dropped (prompt too long, see the module docstring).
+    An entry is a string where the row was dropped: `DROPPED_PROMPT` or `DROPPED_LONG` (see the module
+    docstring for `long_rows`).
     """
     if max_length < 2:
         raise ValueError("max_length must leave room for at least one token and EOS")
+    if long_rows not in LONG_ROWS:
+        raise ValueError(f"long_rows must be one of {LONG_ROWS}, got {long_rows!r}")
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError("the tokenizer has no EOS token")
@@ -211,21 +255,22 @@ def encode_batch(
     prompt_ids = _encode_texts(tokenizer, prompts)
     responses, n_split = _responses_in_context(tokenizer, prompts, prompt_ids, outputs)
     examples = [
-        _assemble(prefix, p, r, eos_id, max_length) for p, r in zip(prompt_ids, responses, strict=True)
+        _assemble(prefix, p, r, eos_id, max_length, long_rows, len(o.encode("utf-8")))
+        for p, r, o in zip(prompt_ids, responses, outputs, strict=True)
     ]
     return examples, n_split
 
 
 def encode_example(
-    tokenizer, instruction: str, input: str, output: str, max_length: int
+    tokenizer, instruction: str, input: str, output: str, max_length: int, long_rows: str = "cut"
 ) -> EncodedExample | None:
-    """One row as `{input_ids, labels, length, truncated}`; None when the row is dropped (prompt too long).
+    """One row as `{input_ids, labels, length, truncated, response_bytes}`; None when the row is dropped.
 
     Prompt positions (and the BOS the tokenizer prepends, if any) have label -100; the response tokens and the
-    final EOS id are labels. See the module docstring for the truncation policy.
+    final EOS id are labels. See the module docstring for rows longer than `max_length`.
     """
-    examples, _ = encode_batch(tokenizer, [instruction], [input], [output], max_length)
-    return examples[0]
+    examples, _ = encode_batch(tokenizer, [instruction], [input], [output], max_length, long_rows)
+    return examples[0] if not isinstance(examples[0], str) else None
 
 
 # ---- whole splits --------------------------------------------------------------------------------------------
@@ -262,12 +307,15 @@ def split_fingerprint(
     tokenizer_dir: str | os.PathLike,
     max_length: int,
     use_fast: bool | None = None,
+    long_rows: str = "cut",
 ) -> str:
-    """Identity of a tokenized split: input file, tokenizer files, max_length, template and layout version."""
+    """Identity of a tokenized split: input file, tokenizer files, max_length, long-row policy, template and
+    layout version."""
     parts = {
         "data": file_sha256(jsonl_path),
         "tokenizer": tokenizer_fingerprint(tokenizer_dir, use_fast),
         "max_length": max_length,
+        "long_rows": long_rows,
         "template": template_version(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -305,7 +353,7 @@ def _worker_init(tokenizer_dir: str, use_fast: bool | None) -> None:
     _WORKER_TOKENIZER = load_tokenizer(tokenizer_dir, use_fast=use_fast)
 
 
-def _worker_encode(args: tuple[list[str], list[str], list[str], int]):
+def _worker_encode(args: tuple[list[str], list[str], list[str], int, str]):
     return encode_batch(_WORKER_TOKENIZER, *args)
 
 
@@ -334,6 +382,7 @@ def _to_dataset(examples: list[EncodedExample]) -> tuple[Any, int]:
     from datasets import Dataset
 
     lengths = np.fromiter((e["length"] for e in examples), dtype=np.int32, count=len(examples))
+    response_bytes = np.fromiter((e["response_bytes"] for e in examples), dtype=np.int64, count=len(examples))
     offsets = np.zeros(len(examples) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     total = int(offsets[-1])
@@ -345,6 +394,7 @@ def _to_dataset(examples: list[EncodedExample]) -> tuple[Any, int]:
             "input_ids": pa.ListArray.from_arrays(off, pa.array(ids)),
             "labels": pa.ListArray.from_arrays(off, pa.array(labels)),
             "length": pa.array(lengths),
+            "response_bytes": pa.array(response_bytes),
         }
     )
     return Dataset(table), int((labels != IGNORE_INDEX).sum())
@@ -357,13 +407,15 @@ def tokenize_split(
     out_dir: str | os.PathLike,
     use_fast: bool | None = None,
     num_proc: int | None = None,
+    long_rows: str = "cut",
 ) -> dict[str, Any]:
     """Tokenize a clean Alpaca JSONL split into a `datasets.Dataset` saved at `out_dir`; return its stats.
 
-    Columns: input_ids, labels (prompt = -100), length. The stats (JSON-able, also written to
+    Columns: input_ids, labels (prompt = -100), length, response_bytes. The stats (JSON-able, also written to
     `out_dir/qabot_tokenized.json`): path, fingerprint, n_input_rows, n_rows (= n_input_rows - n_dropped),
-    n_truncated (rows kept with a cut response), n_dropped, n_boundary_split, length_stats {mean, median, p90,
-    p99, max} (also under `lengths`), padding_free_tokens (sum of lengths), label_tokens, seconds, reused.
+    n_truncated (rows kept with a cut response, no EOS), n_dropped (= n_dropped_prompt + n_dropped_long),
+    n_boundary_split, long_rows, length_stats {mean, median, p90, p99, max} (also under `lengths`),
+    padding_free_tokens (sum of lengths), label_tokens, response_bytes, seconds, reused.
     When `out_dir` already holds a split with the same fingerprint, it is reused as it is.
 
     Batched tokenizer calls do the work (a fast tokenizer spreads each call over all cores); `num_proc > 1`
@@ -372,7 +424,7 @@ def tokenize_split(
     """
     started = time.perf_counter()
     out = Path(out_dir)
-    fp = split_fingerprint(jsonl_path, tokenizer_dir, max_length, use_fast)
+    fp = split_fingerprint(jsonl_path, tokenizer_dir, max_length, use_fast, long_rows)
     stats_path = out / STATS_FILE
     if stats_path.is_file() and (out / "state.json").is_file():
         try:
@@ -384,13 +436,13 @@ def tokenize_split(
 
     instructions, inputs, outputs = read_jsonl_rows(jsonl_path)
     n = len(instructions)
-    examples: list[EncodedExample | None] = []
+    examples: list[EncodedExample | str] = []
     n_split = 0
     if num_proc and num_proc > 1 and n > _CHUNK_ROWS:
         import multiprocessing as mp
 
         jobs = [
-            (instructions[a:b], inputs[a:b], outputs[a:b], max_length)
+            (instructions[a:b], inputs[a:b], outputs[a:b], max_length, long_rows)
             for a, b in _chunks(n, max(_CHUNK_ROWS, -(-n // (num_proc * 4))))
         ]
         with ProcessPoolExecutor(
@@ -405,11 +457,13 @@ def tokenize_split(
     else:
         tokenizer = load_tokenizer(tokenizer_dir, use_fast=use_fast)
         for a, b in _chunks(n, _CHUNK_ROWS):
-            part, k = encode_batch(tokenizer, instructions[a:b], inputs[a:b], outputs[a:b], max_length)
+            part, k = encode_batch(
+                tokenizer, instructions[a:b], inputs[a:b], outputs[a:b], max_length, long_rows
+            )
             examples.extend(part)
             n_split += k
 
-    kept = [e for e in examples if e is not None]
+    kept = [e for e in examples if not isinstance(e, str)]
     lengths = [e["length"] for e in kept]
     stats: dict[str, Any] = {
         "path": str(out),
@@ -422,9 +476,13 @@ def tokenize_split(
         "n_rows": len(kept),
         "n_truncated": sum(e["truncated"] for e in kept),
         "n_dropped": n - len(kept),
+        "n_dropped_prompt": sum(e == DROPPED_PROMPT for e in examples),
+        "n_dropped_long": sum(e == DROPPED_LONG for e in examples),
+        "long_rows": long_rows,
         "n_boundary_split": n_split,
         "length_stats": _length_stats(lengths),
         "padding_free_tokens": int(sum(lengths)),
+        "response_bytes": int(sum(e["response_bytes"] for e in kept)),
     }
     stats["lengths"] = stats["length_stats"]  # alias
     dataset, stats["label_tokens"] = _to_dataset(kept)
@@ -449,19 +507,27 @@ def tokenize_prepared(
     use_fast: bool | None = None,
     base_model: str | None = None,
     num_proc: int | None = None,
+    long_rows: str = "cut",
+    eval_max_length: int | None = None,
 ) -> dict[str, Any]:
     """Tokenize the train and eval splits of a prepared data set (`PreparedData.to_dict()`) into
     `out_dir/train` and `out_dir/eval`; return {train, eval (the `tokenize_split` stats), fingerprint,
-    data_fingerprint, base_model, max_length}."""
+    data_fingerprint, base_model, max_length}.
+
+    The train split follows `max_length` and `long_rows`; the eval split is scored whole: `long_rows="drop"`
+    at `eval_max_length` (default: the larger of `max_length` and `EVAL_MAX_LENGTH`)."""
     out = Path(out_dir)
+    eval_len = eval_max_length or max(max_length, EVAL_MAX_LENGTH)
+    settings = {"train": (max_length, long_rows), "eval": (eval_len, "drop")}
     splits = {
         name: tokenize_split(
             prepared[f"{name}_path"],
             tokenizer_dir,
-            max_length,
+            settings[name][0],
             out / name,
             use_fast=use_fast,
             num_proc=num_proc,
+            long_rows=settings[name][1],
         )
         for name in ("train", "eval")
     }
@@ -474,6 +540,8 @@ def tokenize_prepared(
         "data_fingerprint": prepared.get("fingerprint"),
         "base_model": base_model,
         "max_length": max_length,
+        "eval_max_length": eval_len,
+        "long_rows": long_rows,
     }
 
 

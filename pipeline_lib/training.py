@@ -105,7 +105,7 @@ class MemoryPlan:
     micro_batch: int
     grad_accum: int
     gradient_checkpointing: bool
-    tokens_per_micro_batch: int | None
+    tokens_per_micro_batch: int | None  # micro-batch rows x max_length: its worst case in tokens
     budget_gib: float | None
     reason: str
     estimate_gib: float | None = None  # estimated peak GPU memory (None on the CPU)
@@ -207,9 +207,14 @@ def plan_memory(
     fits, micro-batch 1 (with checkpointing unless it is 'off') is returned for `halve` to take over.
     """
     gc_setting = settings.gradient_checkpointing
+    cap = settings.tokens_per_micro_batch
+    micros = [d for d in _divisors_desc(batch_size) if cap is None or d * max_length <= cap] or [1]
     if device != "cuda" or budget_gib is None:
-        tokens = settings.tokens_per_micro_batch or batch_size * max_length
-        return MemoryPlan(batch_size, 1, gc_setting == "on", tokens, budget_gib, "no GPU memory budget")
+        micro = micros[0]
+        reason = "no GPU memory budget" + (f"; micro-batch capped at {cap} tokens" if cap else "")
+        return MemoryPlan(
+            micro, batch_size // micro, gc_setting == "on", micro * max_length, budget_gib, reason
+        )
     limit = budget_gib * BUDGET_HEADROOM
 
     def estimate(micro: int, gc: bool) -> float:
@@ -229,14 +234,14 @@ def plan_memory(
 
     options = {"auto": [False, True], "on": [True], "off": [False]}[gc_setting]
     for checkpointing in options:
-        for micro in _divisors_desc(batch_size):
+        for micro in micros:
             need = estimate(micro, checkpointing)
             if need <= limit:
                 return MemoryPlan(
                     micro,
                     batch_size // micro,
                     checkpointing,
-                    settings.tokens_per_micro_batch or micro * max_length,
+                    micro * max_length,
                     budget_gib,
                     f"est. {need:.2f} GiB of {budget_gib:.1f} GiB at micro-batch {micro}"
                     + (" with gradient checkpointing" if checkpointing else ""),
@@ -248,7 +253,7 @@ def plan_memory(
         1,
         batch_size,
         checkpointing,
-        settings.tokens_per_micro_batch or max_length,
+        max_length,
         budget_gib,
         f"even micro-batch 1 is estimated at {need:.2f} GiB, above {limit:.2f} GiB of {budget_gib:.1f} GiB",
         round(need, 3),
@@ -263,7 +268,9 @@ def halve(plan: MemoryPlan) -> MemoryPlan | None:
         micro = plan.micro_batch // 2
         while plan.effective_batch % micro:
             micro -= 1
-        tokens = max(64, plan.tokens_per_micro_batch // 2) if plan.tokens_per_micro_batch else None
+        tokens = (
+            plan.tokens_per_micro_batch // plan.micro_batch * micro if plan.tokens_per_micro_batch else None
+        )
         return MemoryPlan(
             micro,
             plan.effective_batch // micro,
@@ -570,6 +577,7 @@ class _Context:
     quant: QuantizationConfig
     lora: LoraSettings
     events: list[dict]
+    extra_callbacks: list = field(default_factory=list)
 
     def record(self, event: dict) -> None:
         self.events.append({"time": time.time(), **event})
@@ -708,7 +716,7 @@ def _build_trainer(
 ):
     """A fresh model (4-bit base + LoRA, same initialisation every time) and its Trainer for `plan`."""
     from peft import get_peft_model
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from pipeline_lib import batching, modeling
 
@@ -729,20 +737,19 @@ def _build_trainer(
     callbacks = [c for c in (_simulated_oom_callback(), _kill_after_callback()) if c]
     if ctx.target.enabled:
         callbacks.insert(0, _mlflow_callback(ctx.target.uri, ctx.run_id))
-    kwargs = dict(
+    callbacks += ctx.extra_callbacks
+    spec = job.model_spec()
+    trainer = batching.QabotTrainer(
         model=model,
         args=args,
         train_dataset=data["train"],
         eval_dataset=data["eval"],
         data_collator=batching.PadCollator(data["tokenizer"].pad_token_id),
         callbacks=callbacks,
+        batch_size=spec.batch_size,
+        group_by_length=ts.group_by_length,
+        eval_tokens_per_batch=plan.tokens_per_micro_batch or plan.micro_batch * spec.max_length,
     )
-    if ts.group_by_length:
-        trainer = batching.BudgetTrainer(
-            **kwargs, tokens_per_batch=plan.tokens_per_micro_batch, max_rows_per_batch=plan.micro_batch
-        )
-    else:
-        trainer = Trainer(**kwargs)
     return model, trainer, targets
 
 
@@ -805,7 +812,7 @@ def _train(ctx: _Context, plan: MemoryPlan, data: dict, max_steps: int | None) -
 
 
 def _evaluate(trainer, data: dict) -> dict:
-    """Final eval loss; the Trainer's own evaluation at the last step is reused when there is one."""
+    """Final held-out metrics; the evaluation at the last step is reused when there is one."""
     if data["eval"] is None:
         return {}
     step = trainer.state.global_step
@@ -841,7 +848,7 @@ def _finish(ctx: _Context, pre: dict, done: dict, data: dict, resumed_from: int 
     lengths = list(data["train"]["length"]) if "length" in data["train"].column_names else []
     pad_share = (
         batching.expected_padding_share(
-            lengths, plan.micro_batch, plan.tokens_per_micro_batch, ts.group_by_length, ts.seed
+            lengths, plan.effective_batch, plan.micro_batch, ts.group_by_length, ts.seed
         )
         if lengths
         else None
@@ -850,6 +857,8 @@ def _finish(ctx: _Context, pre: dict, done: dict, data: dict, resumed_from: int 
         "train_loss": train_loss,
         "final_loss": float(losses[-1]) if losses else math.nan,
         "eval_loss": float(eval_metrics.get("eval_loss", math.nan)),
+        "eval_perplexity": float(eval_metrics.get("eval_perplexity", math.nan)),
+        "eval_bits_per_byte": float(eval_metrics.get("eval_bits_per_byte", math.nan)),
         "initial_eval_loss": float(evals[0]) if len(evals) > 1 else math.nan,
         "train_runtime_s": runtime,
         "train_tokens": n_tokens,
@@ -863,7 +872,8 @@ def _finish(ctx: _Context, pre: dict, done: dict, data: dict, resumed_from: int 
     summary = {
         k: v
         for k, v in metrics.items()
-        if k != "eval_loss" and not (isinstance(v, float) and math.isnan(v))  # eval_loss: the Trainer logs it
+        if not k.startswith("eval_")
+        and not (isinstance(v, float) and math.isnan(v))  # the Trainer logs eval_*
     }
     ctx.tracker.log_metrics(ctx.run_id, summary, step=int(trainer.state.global_step))
     ctx.tracker.set_tags(
@@ -894,8 +904,10 @@ def _finish(ctx: _Context, pre: dict, done: dict, data: dict, resumed_from: int 
     }
 
 
-def run_training(job: TrainJob) -> dict[str, Any]:
-    """Fine-tune one model with QLoRA; return a JSON-able result (adapter path, child run id, metrics)."""
+def run_training(job: TrainJob, callbacks: list | None = None) -> dict[str, Any]:
+    """Fine-tune one model with QLoRA; return a JSON-able result (adapter path, child run id, metrics).
+
+    `callbacks`: extra `TrainerCallback`s (in-process callers only, e.g. tests that observe each step)."""
     import torch
     from datasets import load_from_disk
 
@@ -922,6 +934,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         quant=QuantizationConfig.model_validate(job.quantization),
         lora=LoraSettings.model_validate(job.lora),
         events=_read_json(out_dir / EVENTS_FILE, []),
+        extra_callbacks=list(callbacks or []),
     )
     ckpt = last_checkpoint(ctx.ckpt_dir)
     resumed_from = _checkpoint_step(ckpt) if ckpt else (0 if resumed else None)

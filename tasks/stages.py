@@ -20,7 +20,7 @@ from pipeline_lib.tracking import TrackingTarget, make_tracker
 
 CACHED = INPUTS + TASK_SOURCE
 # Inputs that say where to log, not what to compute: a rerun under a new parent run still hits the cache.
-CACHED_TRACKED = CACHED - "parent_run_id" - "tracking"
+CACHED_TRACKED = CACHED - "parent_run_id" - "run_id" - "tracking"
 
 
 def _network_error(task, task_run, state) -> bool:
@@ -85,14 +85,22 @@ def resolve_model(spec: ModelSpec) -> dict:
 
 
 @task(name="tokenize", cache_policy=CACHED, persist_result=True)
-def tokenize_data(prepared: dict, model: dict, max_length: int, use_fast: bool | None) -> dict:
+def tokenize_data(
+    prepared: dict, model: dict, max_length: int, use_fast: bool | None, long_rows: str = "cut"
+) -> dict:
     from pipeline_lib.tokenization import tokenize_prepared
 
     out = paths.stage_dir(
-        "tokenized", model["name"], prepared["fingerprint"], model["fingerprint"], max_length, use_fast
+        "tokenized", model["name"], prepared["fingerprint"], model["fingerprint"], max_length, use_fast, long_rows
     )
     result = tokenize_prepared(
-        prepared, model["path"], max_length, out, use_fast=use_fast, base_model=model["base_model"]
+        prepared,
+        model["path"],
+        max_length,
+        out,
+        use_fast=use_fast,
+        base_model=model["base_model"],
+        long_rows=long_rows,
     )
     get_run_logger().info("%s: %s", model["name"], result["train"]["length_stats"])
     return result

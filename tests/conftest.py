@@ -14,16 +14,12 @@ ARCHS = ("llama", "bloom", "falcon")
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny-models")
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tiny_dir) -> dict[str, str]:
-    """{arch: path} of tiny Llama, Bloom and Falcon models with their tokenizers."""
+def tiny_models() -> dict[str, str]:
+    """{arch: path} of tiny Llama, Bloom and Falcon models with their tokenizers, from the shared tiny-model
+    cache (built once per recipe, reused by later sessions and by `make demo`)."""
     from pipeline_lib.tiny import materialize_tiny
 
-    return {arch: str(materialize_tiny(f"tiny:{arch}", tiny_dir)[0]) for arch in ARCHS}
+    return {arch: str(materialize_tiny(f"tiny:{arch}")[0]) for arch in ARCHS}
 
 
 def pytest_collection_modifyitems(config, items):

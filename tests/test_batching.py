@@ -1,4 +1,4 @@
-"""Token-budget batching, collators, packing and the Trainer integration.
+"""Step-planned batching, evaluation batches, collators, packing and the Trainer integration.
 
 Equivalence tests run each tiny architecture in float32 (and 4-bit NF4 with float32 compute): an example's
 loss (mean over its label tokens) must be the same inside a right-padded length-grouped batch, or a packed
@@ -18,14 +18,15 @@ import torch.nn.functional as F
 
 from pipeline_lib.batching import (
     IGNORE_INDEX,
-    BudgetTrainer,
     PadCollator,
-    TokenBudgetBatchSampler,
+    QabotTrainer,
+    StepSampler,
     expected_padding_share,
     pack_collate,
     pad_collate,
     padding_share,
     plan_batches,
+    plan_steps,
     supports_exact_packing,
     token_sum_loss,
 )
@@ -57,9 +58,9 @@ def _alpaca_like_lengths(n: int, seed: int = 0) -> list[int]:
 
 
 @pytest.mark.parametrize("budget,max_rows", [(4096, None), (2048, 16), (300, None)])
-def test_plan_respects_budget_and_covers_every_row_once(budget, max_rows):
+def test_eval_plan_respects_budget_and_covers_every_row_once(budget, max_rows):
     lengths = _alpaca_like_lengths(5000) + [900, 1304]  # two rows longer than the smallest budget
-    batches = plan_batches(lengths, budget, max_rows, seed=1)
+    batches = plan_batches(lengths, budget, max_rows)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         longest = max(lengths[i] for i in b)
@@ -67,60 +68,69 @@ def test_plan_respects_budget_and_covers_every_row_once(budget, max_rows):
         assert max_rows is None or len(b) <= max_rows
     if budget == 300:
         assert [1304] in [[lengths[i] for i in b] for b in batches if max(lengths[i] for i in b) > budget]
-    # The batch with the longest row comes first (a memory peak shows at once).
-    assert max(lengths[i] for i in batches[0]) == max(lengths)
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # longest first: a memory peak shows at once
+    assert plan_batches(lengths, budget, max_rows) == batches  # deterministic
 
 
-def test_plan_is_deterministic_per_seed_and_random_across_seeds():
-    lengths = _alpaca_like_lengths(3000)
-    assert plan_batches(lengths, 2048, 16, seed=5) == plan_batches(lengths, 2048, 16, seed=5)
-    assert plan_batches(lengths, 2048, 16, seed=5) != plan_batches(lengths, 2048, 16, seed=6)
-    ordered = plan_batches(lengths, 2048, 16, seed=5, shuffle=False)
-    assert ordered == plan_batches(lengths, 2048, 16, seed=9, shuffle=False)
-    # The fully sorted plan has the fewest batches of all.
-    assert len(ordered) <= min(len(plan_batches(lengths, 2048, 16, seed=s)) for s in range(5))
+@pytest.mark.parametrize("n,batch", [(1003, 4), (1000, 16), (7, 3), (5, 8)])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_steps_have_batch_size_rows_and_cover_every_row_once(n, batch, grouped):
+    lengths = _alpaca_like_lengths(n, seed=n)
+    steps = plan_steps(lengths, batch, seed=3, group_by_length=grouped)
+    assert sorted(i for st in steps for i in st) == list(range(n))
+    assert [len(st) for st in steps] == [batch] * (n // batch) + ([n % batch] if n % batch else [])
+    assert plan_steps(lengths, batch, seed=3, group_by_length=grouped) == steps
+    if n > 100:
+        assert plan_steps(lengths, batch, seed=4, group_by_length=grouped) != steps
 
 
-def test_padding_share_is_far_below_random_batching():
-    lengths = _alpaca_like_lengths(5000)
-    grouped = padding_share(plan_batches(lengths, 16 * 128, 16, seed=0), lengths)
-    idx = list(range(len(lengths)))
-    random.Random(0).shuffle(idx)
-    rand = padding_share([idx[k : k + 16] for k in range(0, len(idx), 16)], lengths)
-    assert grouped < 0.1 < 0.3 < rand
-    assert expected_padding_share(lengths, 16, 16 * 128, group_by_length=True) == pytest.approx(grouped)
-    assert expected_padding_share(lengths, 16, None, group_by_length=False) == pytest.approx(rand)
-    assert padding_share([[0], [1, 2]], [5, 4, 2]) == pytest.approx(2 / 13)
-
-
-def test_plan_with_exact_number_of_batches():
-    lengths = _alpaca_like_lengths(2000, seed=3)
-    base = len(plan_batches(lengths, 1024, None, seed=0))
-    minimum = len(plan_batches(lengths, 1024, None, seed=0, shuffle=False))
-    assert minimum < base
-    for target in (minimum, (minimum + base) // 2, base, base + 40):
-        batches = plan_batches(lengths, 1024, None, seed=11, num_batches=target)
-        assert len(batches) == target
-        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-        assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 1024 for b in batches)
-    with pytest.raises(ValueError):
-        plan_batches(lengths, 1024, None, seed=0, num_batches=minimum - 1)
+def test_steps_do_not_depend_on_the_micro_batch():
+    """What makes a resume after an out-of-memory halving exact: step k is the same rows at any micro-batch,
+    and skipping `k x accumulation` micro-batches skips exactly steps 0..k-1."""
+    lengths = _alpaca_like_lengths(2001, seed=9)
+    plans = {micro: StepSampler(lengths, 8, micro, seed=5) for micro in (8, 4, 2, 1)}
+    for epoch in (0, 1):
+        for sampler in plans.values():
+            sampler.set_epoch(epoch)
+        steps = plans[8].steps()
+        for micro, sampler in plans.items():
+            assert sampler.steps() == steps
+            batches = list(sampler)
+            assert len(batches) == len(sampler)
+            accum = 8 // micro
+            for k in (0, 1, 17, len(steps) - 1):
+                skipped = [i for mb in batches[: k * accum] for i in mb]
+                assert sorted(skipped) == sorted(i for st in steps[:k] for i in st), (micro, k)
+            assert all(len(mb) <= micro for mb in batches)
 
 
 def test_sampler_epochs_differ_but_keep_their_length():
     lengths = _alpaca_like_lengths(4000, seed=2)
-    sampler = TokenBudgetBatchSampler(lengths, 2048, max_rows=32, seed=7)
+    sampler = StepSampler(lengths, 16, 4, seed=7)
     plans = []
-    for epoch in range(4):
+    for epoch in range(3):
         sampler.set_epoch(epoch)
         batches = list(sampler)
-        assert len(batches) == len(sampler)
+        assert len(batches) == len(sampler) == 4000 // 4
         assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
         plans.append(batches)
     assert plans[0] != plans[1] != plans[2]
     sampler.set_epoch(1)
     assert list(sampler) == plans[1]  # deterministic: a resumed run sees the same batches
-    assert TokenBudgetBatchSampler(lengths, 2048, max_rows=32, seed=7).batches() == plans[0]
+    with pytest.raises(ValueError, match="divide"):
+        StepSampler(lengths, 16, 3)
+
+
+def test_padding_share_is_far_below_random_batching():
+    lengths = _alpaca_like_lengths(5000)
+    grouped = expected_padding_share(lengths, 16, 16, group_by_length=True)
+    idx = list(range(len(lengths)))
+    random.Random(0).shuffle(idx)
+    rand = padding_share([idx[k : k + 16] for k in range(0, len(idx), 16)], lengths)
+    assert grouped < 0.1 < 0.3 < rand
+    assert 0.3 < expected_padding_share(lengths, 16, 16, group_by_length=False) < 0.7
+    assert expected_padding_share(lengths, 16, 4) <= grouped  # smaller micro-batches pad less
+    assert padding_share([[0], [1, 2]], [5, 4, 2]) == pytest.approx(2 / 13)
 
 
 # ---- collators -----------------------------------------------------------------------------------------------
@@ -288,56 +298,62 @@ def llama_train_set(tiny_models, tmp_path_factory):
     return load_tokenized(stats["path"])
 
 
-def _trainer(path, dataset, tmp_path, budget=512, max_rows=None, packing=False, **args):
+def _trainer(path, dataset, tmp_path, batch=4, micro=2, packing=False, **args):
     from transformers import TrainingArguments
 
     model = _load(path, attn="eager" if packing else None)
     defaults = dict(
         output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
-        logging_steps=1, learning_rate=1e-3, seed=3, per_device_train_batch_size=2,
+        logging_steps=1, learning_rate=1e-3, seed=3, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch // micro,
     )  # fmt: skip
-    return BudgetTrainer(
+    return QabotTrainer(
         model=model,
         args=TrainingArguments(**{**defaults, **args}),
         train_dataset=dataset,
         processing_class=load_tokenizer(path),
-        tokens_per_batch=budget,
-        max_rows_per_batch=max_rows,
+        batch_size=batch,
         packing=packing,
     )
 
 
-def test_budget_trainer_batches_and_schedule(tiny_models, llama_train_set, tmp_path):
-    budget = 512
-    trainer = _trainer(tiny_models["llama"], llama_train_set, tmp_path, budget, max_rows=4,
-                       gradient_accumulation_steps=2, num_train_epochs=2)  # fmt: skip
+def test_trainer_steps_and_schedule(tiny_models, llama_train_set, tmp_path):
+    trainer = _trainer(tiny_models["llama"], llama_train_set, tmp_path, batch=8, micro=4, num_train_epochs=2)
     loader = trainer.get_train_dataloader()
     sizes = []
     for batch in loader:
-        rows, width = batch["input_ids"].shape
-        assert rows * width <= budget and rows <= 4
+        rows = batch["input_ids"].shape[0]
         assert set(batch) == {"input_ids", "attention_mask", "labels"}
         real = batch["attention_mask"].sum(1)
-        assert (batch["labels"][torch.arange(rows), real - 1] == trainer.processing_class.eos_token_id).all()
+        # Rows that fit end with a learned EOS.
+        ends = batch["labels"][torch.arange(rows), real - 1]
+        assert (ends == trainer.processing_class.eos_token_id).all()
         sizes.append(rows)
-    assert sum(sizes) == len(llama_train_set) and len(sizes) == len(loader)
-    assert len(set(sizes)) > 1  # variable-size batches
+    n = len(llama_train_set)
+    assert sum(sizes) == n and len(sizes) == len(loader)
+    steps_per_epoch = math.ceil(n / 8)
+    assert sizes[: 2 * (n // 8)] == [4] * (2 * (n // 8))  # every full step: 2 micro-batches of 4 rows
     out = trainer.train()
-    steps_per_epoch = math.ceil(len(loader) / 2)
     assert trainer.state.global_step == trainer.state.max_steps == 2 * steps_per_epoch
     assert math.isfinite(out.training_loss)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert statistics.mean(losses[-3:]) < statistics.mean(losses[:3])  # it learns
 
 
+def test_trainer_checks_the_step_contract(tiny_models, llama_train_set, tmp_path):
+    with pytest.raises(ValueError, match="must equal batch_size"):
+        _trainer(
+            tiny_models["llama"], llama_train_set, tmp_path, batch=8, micro=2, gradient_accumulation_steps=2
+        )
+
+
 @pytest.mark.parametrize("loss_path", ["model", "token_sum_loss"])
 def test_accumulated_gradient_is_token_mean_over_the_step(loss_path, tiny_models, llama_train_set, tmp_path):
-    """Variable-size micro-batches, accumulated: the gradient is that of the mean over all label tokens."""
+    """Micro-batches with different token counts, accumulated: the gradient is that of the mean over all
+    label tokens of the step."""
     ga = 3
-    trainer = _trainer(
-        tiny_models["llama"], llama_train_set, tmp_path, budget=640, gradient_accumulation_steps=ga
-    )
-    if loss_path == "token_sum_loss":  # what BudgetTrainer does for models without loss keyword arguments
+    trainer = _trainer(tiny_models["llama"], llama_train_set, tmp_path, batch=6, micro=2)
+    if loss_path == "token_sum_loss":  # what QabotTrainer does for models without loss keyword arguments
         trainer.model_accepts_loss_kwargs = False
         trainer.compute_loss_func = token_sum_loss
     else:
@@ -374,10 +390,12 @@ def test_accumulated_gradient_is_token_mean_over_the_step(loss_path, tiny_models
         torch.testing.assert_close(got[name], p.grad, atol=1e-6, rtol=1e-4)
 
 
-def test_budget_trainer_packing(tiny_models, llama_train_set, tmp_path):
-    trainer = _trainer(tiny_models["llama"], llama_train_set, tmp_path, budget=512, packing=True, max_steps=3)
+def test_trainer_packing(tiny_models, llama_train_set, tmp_path):
+    trainer = _trainer(
+        tiny_models["llama"], llama_train_set, tmp_path, batch=4, micro=4, packing=True, max_steps=3
+    )
     batch = next(iter(trainer.get_train_dataloader()))
-    assert batch["input_ids"].shape[0] == 1 and batch["input_ids"].shape[1] <= 512
+    assert batch["input_ids"].shape[0] == 1
     assert "attention_mask" not in batch and batch["use_cache"] is False
     assert math.isfinite(trainer.train().training_loss)
     with pytest.raises(ValueError, match="packing"):

@@ -527,11 +527,48 @@ def test_split_is_deterministic_disjoint_and_never_empty():
     rows = [{**r, "output": f"{r['output']} {i}"} for i, r in enumerate(rows)]
     train, ev = D.split(rows, 0.1, seed=5)
     assert (train, ev) == D.split(rows, 0.1, seed=5) and D.split(rows, 0.1, seed=6) != (train, ev)
-    assert len(ev) == 20 and len(train) == 180
+    assert 20 <= len(ev) < 40 and len(train) + len(ev) == 200
     assert sorted(map(str, train + ev)) == sorted(map(str, rows))
     assert len(D.split(rows[:3], 0.01, seed=0)[1]) == 1
     with pytest.raises(ValueError):
         D.split(rows[:1], 0.1, seed=0)
+    same = [{"instruction": "Say hi.", "input": "", "output": o} for o in ("hi", "hello", "hey")]
+    with pytest.raises(ValueError, match="same instruction"):
+        D.split(same, 0.5, seed=0)
+
+
+def test_split_keeps_each_instruction_and_input_on_one_side():
+    """The same question with other answers (or other case, spacing, punctuation) is never both trained on
+    and held out."""
+    rows = []
+    for k in range(60):
+        q = f"What is the capital of country number {k}?"
+        rows += [
+            {"instruction": q, "input": "", "output": f"Capital {k}."},
+            {"instruction": q.upper() + "  ", "input": "", "output": f"It is capital {k}."},
+            {"instruction": "Add the two numbers.", "input": f"{k} and 1", "output": str(k + 1)},
+        ]
+    for seed in range(5):
+        train, ev = D.split(rows, 0.2, seed=seed)
+        held = {D.group_key(r) for r in ev}
+        assert held and not held & {D.group_key(r) for r in train}
+        assert abs(len(ev) - 0.2 * len(rows)) <= 2
+
+
+def test_smoke_data_is_varied_and_held_out_from_pretraining(tmp_path):
+    from pipeline_lib.tiny import pretraining_corpus
+
+    cfg = DataConfig(source="builtin:smoke_alpaca.jsonl", eval_fraction=0.05)
+    res = D.prepare(cfg.source, tmp_path / "out", cfg)
+    train = [json.loads(x) for x in Path(res.train_path).read_text(encoding="utf-8").splitlines()]
+    ev = [json.loads(x) for x in Path(res.eval_path).read_text(encoding="utf-8").splitlines()]
+    assert res.rows_out >= 600 and len(ev) >= 30  # varied: most of the 900 rows are distinct
+    assert not {D.group_key(r) for r in ev} & {D.group_key(r) for r in train}
+    corpus = "\n".join(pretraining_corpus())  # what the tiny models are pre-trained on
+    for r in ev:
+        assert r["instruction"] not in corpus
+        if len(r["output"].split()) >= 4:
+            assert r["output"] not in corpus, r
 
 
 def _mixed_file(tmp_path: Path) -> tuple[Path, list[dict]]:

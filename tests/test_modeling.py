@@ -132,6 +132,25 @@ def test_unquantized_model_fails_the_quantization_check(tiny):
         modeling.check_quantized(q4, "llama", expected=False)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_layer_left_unquantized_fails_the_check(tiny, arch):
+    """All but one linear layer in 4-bit is still a failure, naming the layer that is not."""
+    import bitsandbytes as bnb
+
+    model = modeling.load_model(tiny[arch], Q4, "cpu")
+    name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit))
+    parent_name, _, child = name.rpartition(".")
+    plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    setattr(model.get_submodule(parent_name), child, plain)
+    rep = modeling.quantization_report(model)
+    n = LINEARS[arch]
+    assert (rep["linear_layers"], rep["linear_4bit"], rep["not_4bit"]) == (n, n - 1, [name])
+    with pytest.raises(
+        modeling.PreflightError, match=rf"only {n - 1}/{n} linear layers are 4-bit \(not 4-bit: {name}"
+    ):
+        modeling.check_quantized(rep, arch)
+
+
 def test_bnb_config_follows_the_settings():
     cfg = modeling.bnb_config(
         QuantizationConfig(quant_type="fp4", double_quant=False, compute_dtype="float32")
@@ -189,7 +208,7 @@ def test_lora_report_and_its_failures(tiny):
     rep = modeling.lora_report(peft_model, "llama")
     assert rep["targets"] == targets and rep["lora_layers"] == 14
     assert all(c == 2 for c in rep["layers_per_target"].values())
-    assert rep["trainable_params"] == 2 * (4 * 4 * (64 + 64) + 3 * 4 * (64 + 172))  # layers * r * (in + out)
+    assert rep["trainable_params"] == 2 * (4 * 4 * (64 + 64) + 3 * 4 * (64 + 192))  # layers * r * (in + out)
     assert 0 < rep["trainable_share"] < 1 and rep["trainable_non_lora"] == []
     json.dumps(rep)
     peft_model.requires_grad_(False)
@@ -306,6 +325,19 @@ def test_untouched_empty_or_missing_adapter_fails(tiny, tmp_path):
 # ---------------------------------------------------------------------------------------------- merge
 
 
+def _bf16_gap(base: Path, adapter_dir: Path, tok) -> tuple[float, float]:
+    """(max, mean) absolute log-probability difference between base + adapter computed in bfloat16 and in
+    float32 on TEXTS: the rounding floor of bfloat16 on this machine."""
+    from peft import PeftModel
+
+    out = []
+    for q in (BF16, FP32):
+        model = PeftModel.from_pretrained(modeling.load_model(base, q), str(adapter_dir)).eval()
+        out.append(modeling._token_logprobs(model, tok, TEXTS, 256, "cpu"))
+    diffs = [(a - b).abs() for (a, _), (b, _) in zip(*out, strict=True)]
+    return max(float(d.max()) for d in diffs), float(torch.cat([d.flatten() for d in diffs]).mean())
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_merged_model_matches_the_unmerged_one(tiny, trained, tmp_path, arch):
     from transformers import AutoModelForCausalLM
@@ -322,7 +354,13 @@ def test_merged_model_matches_the_unmerged_one(tiny, trained, tmp_path, arch):
 
     same = modeling.merge_fidelity(tiny[arch], adapter_dir, merged_dir, BF16, tok, TEXTS)
     assert same["reference"] == "bfloat16 base + adapter"
-    assert same["max_abs_logprob_diff"] < 0.1 and abs(same["loss_delta"]) < 0.01
+    # Merging rounds W + s*BA to bfloat16 once: an error of the same kind and size as computing the
+    # unmerged model in bfloat16 at all. So the bound is that model's own bfloat16-vs-float32 gap, measured
+    # here on this machine (CPUs with AMX round bfloat16 differently, which moves both sides). Measured on
+    # an AVX2 CPU: merge error / gap = 1.06 (llama), 0.60 (bloom), 1.84 (falcon); 3x leaves room.
+    gap_max, gap_mean = _bf16_gap(tiny[arch], adapter_dir, tok)
+    assert same["max_abs_logprob_diff"] <= 3 * gap_max, (same, gap_max)
+    assert abs(same["loss_delta"]) <= 3 * gap_mean, (same, gap_mean)
     assert same["top1_agreement"] >= 0.9
 
     # the adapter did move the outputs: the base alone is further away than the merge error
@@ -335,6 +373,32 @@ def test_merged_model_matches_the_unmerged_one(tiny, trained, tmp_path, arch):
     assert trained_as["reference"] == "4-bit base + adapter" and trained_as["tokens"] > 10
     assert trained_as["max_abs_logprob_diff"] > 0 and abs(trained_as["loss_delta"]) < 1.0
     json.dumps(trained_as)
+
+
+def test_merge_stage_merges_checks_and_serves(tiny, trained, tmp_path):
+    """The stage the flow runs: merge, fidelity against the trained (4-bit) model, a merge record on disk; the
+    merged directory then answers questions through the logged model class, with the training template."""
+    import pandas as pd
+
+    from pipeline_lib.merge import merge_stage
+    from pipeline_lib.serving import QABotModel
+
+    adapter_dir, _ = trained["bloom"]
+    out = tmp_path / "merged-bloom"
+    res = merge_stage(str(tiny["bloom"]), str(adapter_dir), str(out), Q4.model_dump(), device="cpu")
+    assert res["merged_dir"] == str(out) and res["fingerprint"] == directory_fingerprint(out)
+    assert res["fidelity"]["reference"] == "4-bit base + adapter" and res["fidelity"]["tokens"] > 0
+    assert res["registered"] is None  # no tracking: nothing registered
+    assert json.loads((tmp_path / "merged-bloom.merge.json").read_text()) == json.loads(json.dumps(res))
+
+    served = QABotModel()
+    served.load_context(type("Ctx", (), {"artifacts": {"model_dir": str(out)}})())
+    params = {"max_new_tokens": 6, "do_sample": False, "temperature": 0.7, "repetition_penalty": 1.0}
+    listed = served.predict(None, ["What is the capital city of Norway?", "Is 7 even or odd?"], params)
+    framed = served.predict(
+        None, pd.DataFrame({"question": ["What is the capital city of Norway?", "Is 7 even or odd?"]}), params
+    )
+    assert listed == framed and len(listed) == 2 and all(isinstance(a, str) for a in listed)
 
 
 def test_float32_merge_is_exact(tiny, trained, tmp_path):

@@ -66,28 +66,30 @@ def test_load_tokenizer_sets_pad_without_new_tokens(arch, tiny_models, toks):
     assert special_prefix(tok) == ([tok.bos_token_id] if arch == "llama" else [])
 
 
+def _expected(tok, instruction: str, input_: str, output: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) straight from the tokenizer's own API, independently of qabot's code:
+    the prompt with the tokenizer's specials (BOS for Llama), the response as the tokenizer splits it after
+    the prompt (the tiny tokenizers start a new piece after the prompt's final newline)."""
+    prompt = build_prompt(instruction, input_)
+    prompt_ids = tok(prompt)["input_ids"]
+    joint = tok(prompt + output)["input_ids"]
+    assert joint[: len(prompt_ids)] == prompt_ids
+    return prompt_ids, joint[len(prompt_ids) :]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("row", ROWS, ids=[f"row{k}" for k in range(len(ROWS))])
 def test_prompt_masked_response_and_eos_learned(arch, row, toks):
     tok = toks[arch]
-    instruction, input_, output = row
-    ex = encode_example(tok, instruction, input_, output, max_length=512)
-    assert ex is not None and not ex["truncated"]
-    assert ex["length"] == len(ex["input_ids"]) == len(ex["labels"])
-    n = _n_masked(ex)
-    # The masked part is exactly the prompt as inference tokenizes it (BOS included where the tokenizer adds one).
-    prompt = build_prompt(instruction, input_)
-    assert ex["input_ids"][:n] == tok(prompt)["input_ids"]
-    # Everything after it is learned, and the labels equal the inputs there.
-    assert ex["labels"][n:] == ex["input_ids"][n:]
-    assert IGNORE_INDEX not in ex["labels"][n:]
-    assert tok.decode(_unmasked(ex)) == output + tok.eos_token
-    assert ex["labels"][-1] == ex["input_ids"][-1] == tok.eos_token_id
+    prompt_ids, response_ids = _expected(tok, *row)
+    ex = encode_example(tok, *row, max_length=512)
+    assert ex["input_ids"] == prompt_ids + response_ids + [tok.eos_token_id]
+    assert ex["labels"] == [IGNORE_INDEX] * len(prompt_ids) + response_ids + [tok.eos_token_id]
+    assert ex["length"] == len(ex["input_ids"]) and not ex["truncated"]
+    assert ex["response_bytes"] == len(row[2].encode("utf-8"))
+    assert tok.decode(_unmasked(ex)) == row[2] + tok.eos_token
     assert ex["input_ids"].count(tok.eos_token_id) == 1  # falcon: BOS = EOS, yet no BOS is prepended
-    if arch == "llama":
-        assert ex["input_ids"][0] == tok.bos_token_id
-    else:
-        assert ex["input_ids"][0] != tok.bos_token_id
+    assert (ex["input_ids"][0] == tok.bos_token_id) == (arch == "llama")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -101,20 +103,25 @@ def test_with_and_without_input_use_their_templates(arch, toks):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_truncation_keeps_prompt_and_eos(arch, toks):
+def test_long_rows_are_cut_without_eos_or_dropped(arch, toks):
     tok = toks[arch]
-    output = "The capital city of France is Paris. " * 40
-    full = encode_example(tok, "Tell me about Paris.", "", output, 2048)
-    n_prompt = _n_masked(full)
-    max_length = n_prompt + 10
-    ex = encode_example(tok, "Tell me about Paris.", "", output, max_length)
-    assert ex["truncated"] and ex["length"] == max_length
-    assert ex["input_ids"][:n_prompt] == full["input_ids"][:n_prompt]  # prompt kept whole
-    assert _unmasked(ex) == _unmasked(full)[:9] + [tok.eos_token_id]  # 9 response tokens, then EOS
-    assert ex["labels"][-1] == tok.eos_token_id
-    # A row that fits exactly is not truncated.
-    exact = encode_example(tok, "Tell me about Paris.", "", output, full["length"])
-    assert not exact["truncated"] and exact["input_ids"] == full["input_ids"]
+    row = ("Tell me about Paris.", "", "The capital city of France is Paris. " * 10)
+    prompt_ids, response_ids = _expected(tok, *row)
+    whole = len(prompt_ids) + len(response_ids) + 1
+    # Fits exactly: whole, with EOS.
+    fits = encode_example(tok, *row, max_length=whole)
+    assert not fits["truncated"] and fits["input_ids"] == prompt_ids + response_ids + [tok.eos_token_id]
+    # One token short: the response fits but its EOS does not -> cut, no EOS.
+    for max_length in (whole - 1, len(prompt_ids) + 9):
+        cut = encode_example(tok, *row, max_length=max_length)
+        kept = response_ids[: max_length - len(prompt_ids)]
+        assert cut["truncated"] and cut["length"] == max_length
+        assert cut["input_ids"] == prompt_ids + kept
+        assert cut["labels"] == [IGNORE_INDEX] * len(prompt_ids) + kept
+        assert tok.eos_token_id not in cut["labels"]
+        # long_rows="drop": left out instead.
+        assert encode_example(tok, *row, max_length=max_length, long_rows="drop") is None
+    assert encode_example(tok, *row, max_length=whole, long_rows="drop") == fits
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -122,11 +129,11 @@ def test_prompt_too_long_is_dropped(arch, toks):
     tok = toks[arch]
     long_input = "word " * 200
     assert encode_example(tok, "Summarize.", long_input, "Short.", 64) is None
-    # Room for exactly one response token plus EOS: kept, truncated.
-    n_prompt = _n_masked(encode_example(tok, "Summarize.", "", "Short answer here.", 512))
-    ex = encode_example(tok, "Summarize.", "", "Short answer here.", n_prompt + 2)
-    assert ex is not None and ex["truncated"] and len(_unmasked(ex)) == 2
-    assert encode_example(tok, "Summarize.", "", "Short answer here.", n_prompt + 1) is None
+    prompt_ids, response_ids = _expected(tok, "Summarize.", "", "Short answer here.")
+    # Room for exactly one response token: kept, cut after it.
+    ex = encode_example(tok, "Summarize.", "", "Short answer here.", len(prompt_ids) + 1)
+    assert ex is not None and ex["truncated"] and _unmasked(ex) == response_ids[:1]
+    assert encode_example(tok, "Summarize.", "", "Short answer here.", len(prompt_ids)) is None
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -139,12 +146,43 @@ def test_special_token_text_in_data_stays_text(arch, toks):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_batched_encoding_equals_row_by_row(arch, toks):
+def test_batched_encoding_equals_the_tokenizers_own_encoding(arch, toks):
     tok = toks[arch]
     ins, inp, out = zip(*ROWS, strict=True)
     batch, n_split = encode_batch(tok, list(ins), list(inp), list(out), 512)
     assert n_split == 0
-    assert batch == [encode_example(tok, *row, 512) for row in ROWS]
+    for ex, row in zip(batch, ROWS, strict=True):
+        prompt_ids, response_ids = _expected(tok, *row)
+        assert ex["input_ids"] == prompt_ids + response_ids + [tok.eos_token_id]
+
+
+def _eos_appending(path, tmp_path):
+    """The tiny Llama tokenizer, changed to append EOS when encoding (as some real tokenizers do)."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    bos, eos = tok.bos_token, tok.eos_token
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.bos_token_id), (eos, tok.eos_token_id)]
+    )
+    tok.save_pretrained(tmp_path / "eos-tok")
+    tok = load_tokenizer(tmp_path / "eos-tok")
+    assert tok("Hi")["input_ids"][-1] == tok.eos_token_id  # it really appends EOS
+    return tok
+
+
+def test_a_tokenizer_that_appends_eos_ends_no_prompt_with_eos(tiny_models, tmp_path):
+    from pipeline_lib.tokenization import encode_prompts
+
+    tok = _eos_appending(tiny_models["llama"], tmp_path)
+    prompt = build_prompt("What is the capital city of France?")
+    (prompt_ids,) = encode_prompts(tok, [prompt])
+    assert prompt_ids[-1] != tok.eos_token_id and prompt_ids[0] == tok.bos_token_id
+    assert prompt_ids == tok(prompt)["input_ids"][:-1]
+    ex = encode_example(tok, "What is the capital city of France?", "", "Paris.", 512)
+    assert ex["input_ids"][: len(prompt_ids)] == prompt_ids  # training saw exactly the inference prompt
+    assert ex["input_ids"].count(tok.eos_token_id) == 1 and ex["labels"][-1] == tok.eos_token_id
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -159,22 +197,35 @@ def test_tokenize_split_writes_dataset_and_stats(arch, tiny_models, toks, tmp_pa
     stats = tokenize_split(src, tiny_models[arch], max_length, tmp_path / "tok")
 
     ds = load_tokenized(stats["path"])
-    assert ds.column_names == ["input_ids", "labels", "length"]
+    assert ds.column_names == ["input_ids", "labels", "length", "response_bytes"]
     assert stats["n_input_rows"] == len(rows)
-    assert stats["n_rows"] == len(ds) == len(rows) - stats["n_dropped"]
-    assert stats["n_dropped"] >= 1 and stats["n_truncated"] >= 1
-    expected = [encode_example(tok, r["instruction"], r["input"], r["output"], max_length) for r in rows]
-    kept = [e for e in expected if e is not None]
-    assert stats["n_dropped"] == expected.count(None)
-    assert stats["n_truncated"] == sum(e["truncated"] for e in kept)
-    assert ds["input_ids"] == [e["input_ids"] for e in kept]
-    assert ds["labels"] == [e["labels"] for e in kept]
+    expected, n_long, n_prompt = [], 0, 0
+    for r in rows:
+        prompt_ids, response_ids = _expected(tok, r["instruction"], r["input"], r["output"])
+        if len(prompt_ids) >= max_length:
+            n_prompt += 1
+        elif len(prompt_ids) + len(response_ids) + 1 <= max_length:
+            expected.append((prompt_ids + response_ids + [tok.eos_token_id], len(prompt_ids), False, r))
+        else:
+            n_long += 1
+            expected.append(((prompt_ids + response_ids)[:max_length], len(prompt_ids), True, r))
+    assert n_prompt >= 1 and n_long >= 1
+    assert (stats["n_dropped"], stats["n_dropped_prompt"], stats["n_truncated"]) == (
+        n_prompt,
+        n_prompt,
+        n_long,
+    )
+    assert stats["n_rows"] == len(ds) == len(rows) - n_prompt
+    assert ds["input_ids"] == [ids for ids, _, _, _ in expected]
+    assert ds["labels"] == [[IGNORE_INDEX] * n + ids[n:] for ids, n, _, _ in expected]
+    assert list(ds["response_bytes"]) == [len(r["output"].encode()) for _, _, _, r in expected]
     lengths = list(ds["length"])
     assert lengths == [len(x) for x in ds["input_ids"]]
     assert stats["padding_free_tokens"] == sum(lengths)
     assert stats["label_tokens"] == sum(sum(t != IGNORE_INDEX for t in y) for y in ds["labels"])
     assert stats["length_stats"]["max"] == max(lengths) <= max_length
-    assert all(y[-1] == tok.eos_token_id for y in ds["labels"])
+    ends_with_eos = [y[-1] == tok.eos_token_id for y in ds["labels"]]
+    assert ends_with_eos == [not cut for _, _, cut, _ in expected]
     assert json.loads((tmp_path / "tok" / STATS_FILE).read_text()) == stats
     json.dumps(stats)  # JSON-able
 
@@ -183,6 +234,9 @@ def test_tokenize_split_writes_dataset_and_stats(arch, tiny_models, toks, tmp_pa
     other = tokenize_split(src, tiny_models[arch], max_length + 8, tmp_path / "tok")
     assert not other["reused"] and other["fingerprint"] != stats["fingerprint"]
     assert other["n_dropped"] <= stats["n_dropped"] and other["n_rows"] >= stats["n_rows"]
+    dropped = tokenize_split(src, tiny_models[arch], max_length, tmp_path / "tok-drop", long_rows="drop")
+    assert dropped["fingerprint"] != stats["fingerprint"] and dropped["n_truncated"] == 0
+    assert dropped["n_dropped_long"] == n_long and dropped["n_rows"] == stats["n_rows"] - n_long
 
 
 def test_fingerprint_follows_data_and_tokenizer(tiny_models, tmp_path):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from recorders import StepRecorder
 
 from pipeline_lib import data as data_lib
 from pipeline_lib import isolation, jobs, modeling, tokenization
@@ -73,15 +75,19 @@ def _job(arch: str, models, tokenized, out_dir: Path, uri: str, experiment: str,
     spec = ModelSpec(
         name=overrides.pop("name", f"{arch}-tiny"),
         base_model=f"tiny:{arch}",
-        epochs=1,
+        epochs=overrides.pop("epochs", 1),
         batch_size=BATCH,
         max_length=MAX_LENGTH,
         learning_rate=5e-3,
     )
+    settings = {
+        "warmup_ratio": 0.1,
+        "logging_steps": 1,
+        "save_steps": SAVE_STEPS,
+        **overrides.pop("training", {}),
+    }
     config = {
-        "training": TrainingSettings(warmup_ratio=0.1, logging_steps=1, save_steps=SAVE_STEPS).model_dump(
-            mode="json"
-        ),
+        "training": TrainingSettings(**settings).model_dump(mode="json"),
         "lora": LoraSettings(r=8, alpha=16, dropout=0.0).model_dump(mode="json"),
         "quantization": QuantizationConfig().model_dump(mode="json"),
         "device": "cpu",
@@ -204,36 +210,110 @@ def test_qlora_training_learns_and_logs_everything(arch, trained, tokenized, uri
 # ---- 2. out-of-memory halving --------------------------------------------------------------------------------
 
 
-def test_out_of_memory_halves_micro_batch_and_goes_on(
-    monkeypatch, trained, tiny_models, tokenized, work, uri
-):
-    oom_step = SAVE_STEPS + 1  # raised when step 5 begins, after checkpoint 3 and logged step 4
+def _train_rows(tokenized_split: dict) -> Counter:
+    from datasets import load_from_disk
+
+    return Counter(tuple(r) for r in load_from_disk(tokenized_split["path"])["input_ids"])
+
+
+def test_out_of_memory_halves_micro_batch_and_goes_on(monkeypatch, tiny_models, tokenized, work, uri):
+    """Two epochs, an out-of-memory error at step 4: the micro-batch halves, training goes on from checkpoint
+    3, and — because a step's rows do not depend on the micro-batch — the resume skips exactly the steps
+    already trained, so every epoch still trains every row once."""
+    epochs, oom_step = 2, SAVE_STEPS + 1  # raised when step 5 begins, after checkpoint 3 and logged step 4
+    total = epochs * STEPS
     monkeypatch.setenv("QABOT_SIMULATE_OOM", f"{oom_step}:2")
-    job = _job("llama", tiny_models, tokenized, work / "run-oom", uri, "oom")
-    res = run_training(job)
+    rec = StepRecorder()
+    res = run_training(
+        _job("llama", tiny_models, tokenized, work / "run-oom", uri, "oom", epochs=epochs), [rec]
+    )
 
     plan = res["memory_plan"]
     assert (plan["micro_batch"], plan["grad_accum"]) == (2, 2)  # same effective batch of 4 rows
-    assert res["metrics"]["steps"] == trained["llama"]["result"]["metrics"]["steps"] == STEPS
-    assert res["metrics"]["oom_events"] == 1
+    assert res["metrics"]["steps"] == total and res["metrics"]["oom_events"] == 1
     assert (
-        res["metrics"]["steps_run"] == STEPS + 1
+        res["metrics"]["steps_run"] == total + 1
     )  # step 4 ran twice: before the error and after checkpoint 3
     (event,) = [e for e in res["events"] if e["event"] == "out_of_memory"]
     assert event["step"] == oom_step and event["resume_from"].endswith(f"checkpoint-{SAVE_STEPS}")
     assert event["old_plan"]["micro_batch"] == 4 and event["new_plan"]["micro_batch"] == 2
     assert json.loads((work / "run-oom" / "events.json").read_text()) == res["events"]
 
+    # The rows: every step has batch_size rows, every epoch trains each row once, and only the step between
+    # the checkpoint and the error ran twice (the resume started at the checkpoint, not at step 0).
+    steps = rec.final()
+    assert sorted(steps) == list(range(total))
+    assert all(len(rows) == BATCH for rows in steps.values())
+    all_rows = _train_rows(tokenized["llama"]["train"])
+    for e in range(epochs):
+        assert Counter(r for k in range(e * STEPS, (e + 1) * STEPS) for r in steps[k]) == all_rows, (
+            f"epoch {e}"
+        )
+    assert rec.executions == Counter({k: 2 if SAVE_STEPS <= k < oom_step else 1 for k in range(total)})
+
     client = _client(uri)
     run = client.get_run(res["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["qabot.oom_events"] == "1"
     assert len(_runs(uri, "oom")) == 1
     assert "events.json" in {a.path for a in client.list_artifacts(res["run_id"])}
-    assert _steps(uri, res["run_id"], "loss") == list(range(1, STEPS + 1))  # redone steps not logged twice
+    assert _steps(uri, res["run_id"], "loss") == list(range(1, total + 1))  # redone steps not logged twice
     micro = [(x.step, x.value) for x in client.get_metric_history(res["run_id"], "memory.micro_batch")]
     assert sorted(micro) == [(0, 4.0), (SAVE_STEPS, 2.0)]
     state = json.loads((work / "run-oom" / "run_state.json").read_text())
-    assert state["plan"]["micro_batch"] == 2 and state["max_steps"] == STEPS
+    assert state["plan"]["micro_batch"] == 2 and state["max_steps"] == total
+
+
+def test_token_cap_keeps_rows_per_step(tiny_models, tokenized, work):
+    """`tokens_per_micro_batch` only cuts steps into smaller micro-batches: a step still has `batch_size` rows."""
+    rec = StepRecorder()
+    cap = 2 * MAX_LENGTH  # micro-batch 2, accumulation 2
+    job = _job(
+        "falcon", tiny_models, tokenized, work / "capped", None, "x", training={"tokens_per_micro_batch": cap}
+    )
+    res = run_training(job, [rec])
+    assert (res["memory_plan"]["micro_batch"], res["memory_plan"]["grad_accum"]) == (2, 2)
+    assert res["metrics"]["steps"] == STEPS
+    assert [len(rows) for rows in rec.final().values()] == [BATCH] * STEPS
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eval_loss_is_the_token_mean_over_the_split_at_any_batch_size(arch, tiny_models, tokenized):
+    """eval_loss = summed NLL of every label token / their number, computed here row by row, independently of
+    the project's batching; evaluation batches of any size give the same figure."""
+    from datasets import load_from_disk
+
+    from pipeline_lib.evaluation import score_dataset
+
+    model = modeling.load_model(tiny_models[arch], QuantizationConfig(), "cpu")
+    split = load_from_disk(tokenized[arch]["eval"]["path"])
+    nll, count = 0.0, 0
+    import torch
+
+    with torch.no_grad():
+        for ids, labels in zip(split["input_ids"], split["labels"], strict=True):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            target = torch.tensor(labels[1:])
+            keep = target != -100
+            nll += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
+            count += int(keep.sum())
+    pad = tokenization.load_tokenizer(tiny_models[arch]).pad_token_id
+    results = [score_dataset(model, split, pad_token_id=pad, tokens_per_batch=t) for t in (1, 256, 100_000)]
+    assert len({r.tokens for r in results}) == 1 and results[0].tokens == count
+    for r in results:
+        # Rows batched with padding differ from rows alone only by float rounding (~1e-6 relative, measured);
+        # the bug this guards against (a mean of batch means) moved the figure by 10-35%.
+        assert r.loss == pytest.approx(nll / count, rel=1e-4)
+        assert r.bits_per_byte == pytest.approx(nll / (r.bytes * math.log(2)), rel=1e-4)
+    assert results[0].bytes == sum(len(o.encode()) for o in _eval_outputs(tokenized, arch))
+
+
+def _eval_outputs(tokenized, arch) -> list[str]:
+    from datasets import load_from_disk
+
+    kept = load_from_disk(tokenized[arch]["eval"]["path"])
+    assert tokenized[arch]["eval"]["n_dropped"] == 0 and len(kept) == EVAL_ROWS
+    source = tokenized[arch]["eval"]["source"]
+    return [json.loads(line)["output"] for line in Path(source).read_text(encoding="utf-8").splitlines()]
 
 
 # ---- 3 and 6. resume after a kill, process isolation ---------------------------------------------------------

@@ -1,0 +1,108 @@
+"""The flow's wiring, without any server: every task replaced by a recorder, the flow body run as a function.
+
+Checks that each stage receives what the stage before it returned, models run one after another, the parent
+run is finished (or failed) and nothing runs after a failure."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from flows import finetune_compare as flow_module
+from pipeline_lib.config import load_config
+
+
+class Recorder:
+    def __init__(self, fail_at: str | None = None):
+        self.calls: list[tuple[str, dict]] = []
+        self.fail_at = fail_at
+
+    def __call__(self, name: str, **kwargs):
+        self.calls.append((name, kwargs))
+        if name == self.fail_at:
+            raise RuntimeError(f"{name} failed")
+        model = kwargs.get("spec") or kwargs.get("model_name")
+        label = getattr(model, "name", model)
+        return {
+            "preflight": None,
+            "start_parent_run": "parent-1",
+            "acquire_data": {"sha256": "raw", "path": "/raw"},
+            "clean_data": {"fingerprint": "data-fp", "train_path": "t", "eval_path": "e"},
+            "log_data": None,
+            "resolve_model": {"name": label, "fingerprint": f"model-{label}", "path": "/m"},
+            "tokenize_data": {"fingerprint": f"tok-{kwargs.get('model', {}).get('name')}"},
+            "train_model": {
+                "run_id": f"run-{label}",
+                "model_name": label,
+                "metrics": {"train_loss": 1.0, "eval_loss": 2.0},
+            },
+            "merge_model": {
+                "merged_dir": "/mm",
+                "fingerprint": f"merged-{kwargs.get('trained', {}).get('model_name')}",
+            },
+            "answer_questions": {"fact_accuracy": 0.5, "answers_path": "/a"},
+            "compare_models": {"report_dir": "/r", "parent_run_url": None, "files": {}},
+            "finish_parent_run": None,
+        }[name]
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self.calls]
+
+    def args(self, name: str) -> list[dict]:
+        return [kw for n, kw in self.calls if n == name]
+
+
+def _install(monkeypatch, rec: Recorder) -> None:
+    import inspect
+
+    from tasks import stages
+
+    for name, task in vars(stages).items():
+        if hasattr(task, "fn") and hasattr(task, "cache_policy"):
+            params = list(inspect.signature(task.fn).parameters)
+
+            def fake(*args, _name=name, _params=params, **kwargs):
+                return rec(_name, **dict(zip(_params, args, strict=False)), **kwargs)
+
+            monkeypatch.setattr(stages, name, fake)
+    monkeypatch.setattr(flow_module, "get_run_logger", lambda: logging.getLogger("test-flow"))
+
+
+def test_each_stage_gets_what_the_one_before_returned(monkeypatch):
+    rec = Recorder()
+    _install(monkeypatch, rec)
+    config = load_config("smoke")
+    summary = flow_module.finetune_compare.fn(config)
+
+    names = rec.names()
+    assert names[:2] == ["preflight", "start_parent_run"] and names[-1] == "finish_parent_run"
+    assert rec.args("finish_parent_run")[0]["status"] == "FINISHED"
+    assert names.count("acquire_data") == names.count("clean_data") == 1
+    models = [m.name for m in config.models]
+    # One model at a time: tokenize -> train -> merge -> answer, in the configured order.
+    per_model = [n for n in names if n in {"tokenize_data", "train_model", "merge_model", "answer_questions"}]
+    assert per_model == ["tokenize_data", "train_model", "merge_model", "answer_questions"] * len(models)
+    for tok in rec.args("tokenize_data"):
+        assert tok["prepared"]["fingerprint"] == "data-fp"
+    for name, train in zip(models, rec.args("train_model"), strict=True):
+        assert train["tokenized"]["fingerprint"] == f"tok-{name}" and train["spec"].name == name
+        assert train["parent_run_id"] == "parent-1"
+    for name, merge in zip(models, rec.args("merge_model"), strict=True):
+        assert merge["trained"]["run_id"] == f"run-{name}"
+    for name, answer in zip(models, rec.args("answer_questions"), strict=True):
+        assert answer["merged"]["fingerprint"] == f"merged-{name}" and answer["run_id"] == f"run-{name}"
+    (compare,) = rec.args("compare_models")
+    assert [r["model_name"] for r in compare["results"]] == models
+    assert summary["parent_run_id"] == "parent-1" and set(summary["models"]) == set(models)
+
+
+@pytest.mark.parametrize("stage", ["clean_data", "train_model", "answer_questions"])
+def test_a_failed_stage_fails_the_parent_run_and_stops(monkeypatch, stage):
+    rec = Recorder(fail_at=stage)
+    _install(monkeypatch, rec)
+    with pytest.raises(RuntimeError, match=f"{stage} failed"):
+        flow_module.finetune_compare.fn(load_config("smoke"))
+    names = rec.names()
+    assert names[-1] == "finish_parent_run" and rec.args("finish_parent_run")[0]["status"] == "FAILED"
+    assert names.index(stage) == len(names) - 2  # nothing ran after the failure

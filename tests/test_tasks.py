@@ -1,0 +1,152 @@
+"""The Prefect tasks' cache keys: every input fingerprint is part of the key, tracking arguments are not.
+
+Keys are computed with each task's own cache policy (what Prefect does before running it), no server needed.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline_lib.config import load_config
+from tasks import stages
+
+CONFIG = load_config("smoke")
+SPEC = CONFIG.models[0]
+PREPARED = {"fingerprint": "data-a", "train_path": "/d/train.jsonl", "eval_path": "/d/eval.jsonl"}
+MODEL = {
+    "name": "llama-tiny",
+    "path": "/m",
+    "fingerprint": "model-a",
+    "arch": "llama",
+    "base_model": "tiny:llama",
+}
+TOKENIZED = {
+    "fingerprint": "tok-a",
+    "data_fingerprint": "data-a",
+    "train": {"path": "/t"},
+    "eval": {"path": "/e"},
+}
+SLICE = {"training": {"learning_rate": 0.002}, "lora": {"r": 8}, "quantization": {}, "device": "cpu"}
+TRAINED = {
+    "model_name": "llama-tiny",
+    "adapter_dir": "/a",
+    "adapter_fingerprint": "adapter-a",
+    "run_id": "r1",
+}
+MERGED = {"merged_dir": "/mm", "fingerprint": "merged-a"}
+TRACKING = {"uri": "http://127.0.0.1:5000", "experiment": "qabot-smoke"}
+OTHER_TRACKING = {"uri": "http://127.0.0.1:5999", "experiment": "elsewhere"}
+
+# task -> (inputs, {input: changed value that must change the key}, {input: changed value that must not})
+CASES = {
+    "clean_data": (
+        {"acquired": {"sha256": "raw-a", "path": "/r"}, "data": CONFIG.data},
+        {"acquired": {"sha256": "raw-b", "path": "/r"}, "data": CONFIG.data.model_copy(update={"seed": 1})},
+        {},
+    ),
+    "tokenize_data": (
+        {"prepared": PREPARED, "model": MODEL, "max_length": 256, "use_fast": None, "long_rows": "cut"},
+        {
+            "prepared": {**PREPARED, "fingerprint": "data-b"},
+            "model": {**MODEL, "fingerprint": "model-b"},
+            "max_length": 128,
+            "use_fast": False,
+            "long_rows": "drop",
+        },
+        {},
+    ),
+    "train_model": (
+        {
+            "model": MODEL,
+            "tokenized": TOKENIZED,
+            "spec": SPEC,
+            "config": SLICE,
+            "parent_run_id": "p1",
+            "tracking": TRACKING,
+        },
+        {
+            "model": {**MODEL, "fingerprint": "model-b"},
+            "tokenized": {**TOKENIZED, "fingerprint": "tok-b"},
+            "spec": SPEC.model_copy(update={"epochs": 2.0}),
+            "config": {**SLICE, "lora": {"r": 16}},
+        },
+        {"parent_run_id": "p2", "tracking": OTHER_TRACKING},
+    ),
+    "merge_model": (
+        {"trained": TRAINED, "model": MODEL, "config": SLICE, "tracking": TRACKING, "registered_name": "x"},
+        {
+            "trained": {**TRAINED, "adapter_fingerprint": "adapter-b"},
+            "model": {**MODEL, "fingerprint": "model-b"},
+            "config": {**SLICE, "quantization": {"quant_type": "fp4"}},
+        },
+        {"tracking": OTHER_TRACKING},
+    ),
+    "answer_questions": (
+        {
+            "merged": MERGED,
+            "model_name": "llama-tiny",
+            "inference": CONFIG.inference.model_dump(mode="json"),
+            "device": "cpu",
+            "isolate": True,
+            "run_id": "r1",
+            "tracking": TRACKING,
+        },
+        {
+            "merged": {**MERGED, "fingerprint": "merged-b"},
+            "inference": {**CONFIG.inference.model_dump(mode="json"), "max_new_tokens": 5},
+        },
+        {"run_id": "r2", "tracking": OTHER_TRACKING},
+    ),
+}
+
+
+def _key(task, inputs: dict) -> str:
+    ctx = SimpleNamespace(task=task)
+    return task.cache_policy.compute_key(task_ctx=ctx, inputs=copy.deepcopy(inputs), flow_parameters={})
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cache_key_follows_every_input_fingerprint(name):
+    task = getattr(stages, name)
+    inputs, changes, _ = CASES[name]
+    base = _key(task, inputs)
+    assert base and base == _key(task, inputs)  # stable
+    for field, value in changes.items():
+        assert _key(task, {**inputs, field: value}) != base, f"{name}: {field} must change the cache key"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cache_key_ignores_where_results_are_logged(name):
+    task = getattr(stages, name)
+    inputs, _, tracking_only = CASES[name]
+    base = _key(task, inputs)
+    for field, value in tracking_only.items():
+        assert _key(task, {**inputs, field: value}) == base, f"{name}: {field} must not change the cache key"
+
+
+def test_every_heavy_task_is_cached_on_its_inputs():
+    for name in CASES:
+        task = getattr(stages, name)
+        assert task.persist_result, name
+    assert set(CASES) | {"acquire_data"} >= {
+        n for n in dir(stages) if getattr(getattr(stages, n), "persist_result", False)
+    }
+
+
+def test_acquire_key_follows_the_data(tmp_path):
+    from pipeline_lib.config import DataConfig
+
+    f = tmp_path / "d.json"
+    f.write_text("[]")
+    data = DataConfig(source=str(f))
+    first = stages._acquire_key(None, {"data": data})
+    assert first == stages._acquire_key(None, {"data": data})
+    f.write_text('[{"instruction": "a", "input": "", "output": "b"}]')
+    assert stages._acquire_key(None, {"data": data}) != first
+    builtin = DataConfig(source="builtin:smoke_alpaca.jsonl")
+    assert stages._acquire_key(None, {"data": builtin}) == stages._acquire_key(None, {"data": builtin})
+    hub = DataConfig(source="tatsu-lab/alpaca")  # cannot know without fetching: never reused
+    assert stages._acquire_key(None, {"data": hub}) != stages._acquire_key(None, {"data": hub})
