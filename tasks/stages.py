@@ -91,7 +91,13 @@ def tokenize_data(
     from pipeline_lib.tokenization import tokenize_prepared
 
     out = paths.stage_dir(
-        "tokenized", model["name"], prepared["fingerprint"], model["fingerprint"], max_length, use_fast, long_rows
+        "tokenized",
+        model["name"],
+        prepared["fingerprint"],
+        model["fingerprint"],
+        max_length,
+        use_fast,
+        long_rows,
     )
     result = tokenize_prepared(
         prepared,
