@@ -379,14 +379,13 @@ class Worker:
         pad_id = cfg.pad_token_id if isinstance(cfg.pad_token_id, int) else cfg.eos_token_id
         args, args_source = self.trainer_args(spec, ts, plan, self.work / f"trainer-{spec.name}")
         timer = StepTimer()
-        trainer = batching.BudgetTrainer(
+        trainer = batching.QabotTrainer(
             model=model,
             args=args,
             train_dataset=rows,
             data_collator=None if packing else batching.PadCollator(int(pad_id or 0)),
             callbacks=[timer],
-            tokens_per_batch=plan.tokens_per_micro_batch,
-            max_rows_per_batch=plan.micro_batch,
+            batch_size=plan.effective_batch,
             packing=packing,
         )
         t = time.time()
@@ -404,7 +403,7 @@ class Worker:
         real = timer.tok1 - timer.tok0
         lengths = [r["length"] for r in rows]
         pad = 0.0 if packing else batching.expected_padding_share(
-            lengths, plan.micro_batch, plan.tokens_per_micro_batch, True, ts.seed
+            lengths, plan.effective_batch, plan.micro_batch, True, ts.seed
         )  # fmt: skip
         res = {
             "steps_timed": timer.step - warmup,

@@ -70,6 +70,7 @@ def _use_services(start: bool, worker: bool = False) -> dict:
     if start:
         services.up(worker=worker)
     env = services.service_env()
+    Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # a fresh home: Prefect's own database
     os.environ.update(env)
     return env
 

@@ -24,6 +24,16 @@ class StageError(RuntimeError):
         self.log_tail = log_tail
 
 
+def wanted(setting: bool | str, device: str) -> bool:
+    """Whether a stage runs in a process of its own: `RunConfig.process_isolation` for `device`
+    ('auto' = only where the stage uses a CUDA GPU)."""
+    if setting == "auto":
+        from pipeline_lib.training import resolve_device
+
+        return resolve_device(device) == "cuda"
+    return bool(setting)
+
+
 def _resolve(target: str):
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)

@@ -121,7 +121,7 @@ def train_model(
     return isolation.call(
         "pipeline_lib.training:train_stage",
         {"job": payload},
-        isolate=config["process_isolation"],
+        isolate=isolation.wanted(config["process_isolation"], config["device"]),
         log_path=out / "train.log",
         label=f"train {spec.name}",
     )
@@ -138,7 +138,7 @@ def merge_model(
     return isolation.call(
         "pipeline_lib.merge:merge_stage",
         payload,
-        isolate=config["process_isolation"],
+        isolate=isolation.wanted(config["process_isolation"], config["device"]),
         log_path=out.with_suffix(".log"),
         label=f"merge {trained['model_name']}",
     )
@@ -150,7 +150,7 @@ def answer_questions(
     model_name: str,
     inference: dict,
     device: str,
-    isolate: bool,
+    isolate: bool | str,
     run_id: str | None,
     tracking: dict,
 ) -> dict:
@@ -164,7 +164,7 @@ def answer_questions(
             "settings": inference,
             "device": device,
         },
-        isolate=isolate,
+        isolate=isolation.wanted(isolate, device),
         log_path=out / "answer.log",
         label=f"answer {model_name}",
     )

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from network import needs_no_hub
 
 from pipeline_lib.synthetic import NON_ENGLISH_ROWS, alpaca_rows, defective_rows
 
@@ -77,6 +78,7 @@ def test_data_prepare_bad_input_is_one_line(tmp_path, content, needle):
     assert not (tmp_path / "out" / "clean.jsonl").exists()
 
 
+@needs_no_hub
 def test_run_with_unreachable_hub_stops_in_seconds_naming_what():
     proc = qabot("run", "--profile", "report", "--no-services", timeout=60)
     assert proc.returncode != 0

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from network import needs_no_hub
 
 from pipeline_lib import data as D
 from pipeline_lib.config import CleaningConfig, DataConfig
@@ -457,6 +458,7 @@ def test_hf_id_unreachable_fails_fast(tmp_path, monkeypatch):
     assert "Hugging Face Hub unreachable" in msg and "'tatsu-lab/alpaca'" in msg and err.value.transient
 
 
+@needs_no_hub
 def test_hf_id_with_the_real_endpoint_fails_fast_and_clearly(tmp_path):
     started = time.monotonic()
     with pytest.raises(DataError) as err:

@@ -1,11 +1,14 @@
 """End to end: the smoke pipeline through a real MLflow server and a real Prefect server.
 
 1. `qabot up` starts MLflow + Prefect on free localhost ports under a fresh QABOT_HOME;
-2. `qabot run --profile smoke` trains the three tiny architectures with real 4-bit QLoRA, merges, answers;
+2. `qabot run` (the smoke preset, fewer steps) trains the three tiny architectures with real 4-bit QLoRA,
+   merges, answers;
 3. MLflow holds one parent run with 3 child runs, step-wise loss, artifacts, an answer per question and model;
-4. the smoke deployment, run through the process worker, finds every heavy task Cached;
-5. bad data stops the flow in the data stage with one line, and the parent run is not marked successful;
-6. `qabot down` stops exactly what was started.
+4. the same config as a deployment run through the process worker finds every heavy task Cached;
+5. changed data re-runs tokenize and train (and what follows them);
+6. bad data stops the flow in the data stage with one line: no run at all when pre-flight sees it, else one
+   FAILED parent run without children;
+7. `qabot down` stops exactly what was started.
 """
 
 from __future__ import annotations
@@ -97,11 +100,26 @@ def stack(tmp_path_factory):
             pytest.fail(f"process {pid} still running after `qabot down`")
 
 
-def test_smoke_pipeline_end_to_end(stack):
+# The smoke preset with a few steps per model: the pipeline's every stage, in a fraction of its time.
+E2E_CONFIG = """profile: smoke
+name: e2e
+models:
+  - {name: llama-tiny, base_model: "tiny:llama", batch_size: 4, max_length: 256, max_steps: 6}
+  - {name: bloom-tiny, base_model: "tiny:bloom", batch_size: 2, max_length: 256, max_steps: 6}
+  - {name: falcon-tiny, base_model: "tiny:falcon", batch_size: 1, max_length: 256, max_steps: 6}
+training: {save_steps: 3, logging_steps: 1}
+inference: {max_new_tokens: 8}
+tracking: {experiment: qabot-e2e}
+"""
+
+
+def test_smoke_pipeline_end_to_end(stack, tmp_path):
     from mlflow import MlflowClient
 
     env, st = stack["env"], stack["state"]
-    proc, first = _qabot(env, "run", "--profile", "smoke", "--no-services")
+    config = tmp_path / "e2e.yaml"
+    config.write_text(E2E_CONFIG)
+    proc, first = _qabot(env, "run", "--config", str(config), "--no-services")
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     summary = json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])
 
@@ -142,7 +160,7 @@ def test_smoke_pipeline_end_to_end(stack):
     assert HEAVY <= set(states), states
 
     # Second run, through the deployment and the process worker: every heavy task is Cached.
-    proc, second = _qabot(env, "demo")
+    proc, second = _qabot(env, "demo", "--config", str(config))
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     assert (
         "Prefect flow run: http://127.0.0.1" in proc.stdout
@@ -153,6 +171,27 @@ def test_smoke_pipeline_end_to_end(stack):
     for name in HEAVY:
         assert states.get(name) and all(s == "Cached" for s in states[name]), (name, states.get(name))
     print(f"\nfirst run {first:.1f} s, cached rerun through the worker {second:.1f} s ({second / first:.0%})")
+
+    # Third run: the same settings on changed data (one row edited): the data, tokenize and train tasks of the
+    # model run again; only one model, to keep it short.
+    rows = [
+        json.loads(x)
+        for x in (ROOT / "pipeline_lib" / "assets" / "smoke_alpaca.jsonl").read_text().splitlines()
+    ]
+    rows[0] = {**rows[0], "output": rows[0]["output"] + " (edited)"}
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    one = tmp_path / "changed.yaml"
+    llama_only = "\n".join(
+        line for line in E2E_CONFIG.splitlines() if "bloom-tiny" not in line and "falcon-tiny" not in line
+    )
+    one.write_text(llama_only.replace("profile: smoke", f"profile: smoke\ndata: {{source: {changed}}}"))
+    proc, _ = _qabot(env, "run", "--config", str(one), "--no-services")
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    third = json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])
+    states = _task_states(st["prefect_url"], third["flow_run_id"])
+    for name in ("acquire-data", "clean-data", "tokenize", "train", "merge", "answer-questions"):
+        assert states.get(name) == ["Completed"], (name, states.get(name))
 
 
 @pytest.mark.parametrize(
@@ -169,12 +208,19 @@ def test_bad_data_stops_in_the_data_stage(stack, tmp_path, content, needle):
     cfg.write_text(
         f"profile: smoke\nname: bad-data\ndata:\n  source: {data}\ntracking:\n  experiment: bad-data\n"
     )
+    client = MlflowClient(tracking_uri=stack["state"]["mlflow_url"])
+    exp = client.get_experiment_by_name("bad-data")
+    before = {r.info.run_id for r in client.search_runs([exp.experiment_id])} if exp else set()
     proc, _ = _qabot(stack["env"], "run", "--config", str(cfg), "--no-services", timeout=300)
     assert proc.returncode != 0
     err = proc.stderr.strip().splitlines()
     assert err and err[-1].startswith("qabot: error:") and needle in err[-1], proc.stderr[-2000:]
     assert "Traceback" not in err[-1]
-    client = MlflowClient(tracking_uri=stack["state"]["mlflow_url"])
     exp = client.get_experiment_by_name("bad-data")
-    runs = client.search_runs([exp.experiment_id]) if exp else []
-    assert all(r.info.status != "FINISHED" for r in runs)
+    runs = [
+        r for r in (client.search_runs([exp.experiment_id]) if exp else []) if r.info.run_id not in before
+    ]
+    if content is None:  # a missing file: pre-flight stops the run before anything is recorded
+        assert runs == []
+    else:  # the data stage failed inside the flow: its parent run is FAILED and no model was trained
+        assert [(r.info.status, r.data.tags.get("mlflow.parentRunId")) for r in runs] == [("FAILED", None)]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from network import needs_hub, needs_no_hub
 
 from pipeline_lib import modeling
 from pipeline_lib.config import LoraSettings, ModelSpec, QuantizationConfig
@@ -423,15 +423,7 @@ def test_resolve_tiny_and_local(tmp_path):
         modeling.resolve_base_model(ModelSpec(name="x", base_model=str(tmp_path / "nowhere")), tmp_path)
 
 
-def _hub_reachable() -> bool:
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(_hub_reachable(), reason="the Hugging Face Hub is reachable from here")
+@needs_no_hub
 def test_hub_model_fails_fast_offline(tmp_path):
     spec = ModelSpec(name="open_llama_3b", base_model="openlm-research/open_llama_3b")
     t0 = time.monotonic()
@@ -441,6 +433,13 @@ def test_hub_model_fails_fast_offline(tmp_path):
     msg = str(err.value)
     assert msg.startswith("cannot fetch openlm-research/open_llama_3b from the Hugging Face Hub: ")
     assert "\n" not in msg and isinstance(err.value, modeling.PreflightError)
+
+
+@needs_hub
+def test_hub_model_resolves_to_a_pinned_commit(tmp_path):
+    spec = ModelSpec(name="tiny-hub", base_model="hf-internal-testing/tiny-random-LlamaForCausalLM")
+    got = modeling.resolve_base_model(spec, tmp_path, hub_cache_dir=tmp_path / "hub")
+    assert got.source == "hub" and len(got.revision) == 40 and got.arch == "llama"
 
 
 def test_unreachable_hub_uses_a_cached_snapshot(tmp_path, monkeypatch, tiny):
