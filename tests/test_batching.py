@@ -255,6 +255,23 @@ def test_padded_batch_loss_equals_alone(arch, quantized, sharp_models):
     torch.testing.assert_close(_padded(model, ex, tok.pad_token_id), alone, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_padding_comparison_sees_a_broken_collator(arch, sharp_models):
+    """The comparison above is sharp enough to catch a collator that pads on the left without a mask (the
+    rows then attend to the padding): the same examples, padded that way, give other losses."""
+    tok, ex = _examples(sharp_models[arch])
+    model = _load(sharp_models[arch])
+    batch = pad_collate(ex, tok.pad_token_id)
+    real = batch["attention_mask"].sum(1)
+    ids, labels = batch["input_ids"].clone(), batch["labels"].clone()
+    for r, n in enumerate(real.tolist()):  # move the padding to the front
+        ids[r] = torch.roll(ids[r], ids.shape[1] - n)
+        labels[r] = torch.roll(labels[r], labels.shape[1] - n)
+    with torch.no_grad():
+        broken = _row_losses(model(input_ids=ids).logits, labels)
+    assert (broken - _alone(model, ex)).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_llama_packed_loss_equals_alone(attn, quantized, sharp_models):
