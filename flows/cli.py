@@ -164,21 +164,15 @@ def cmd_demo(args) -> int:
 
 
 def _find_summary(flow_run_id: str, st: dict) -> dict:
-    """The parent MLflow run of a flow run (tagged with its id) and its summary."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=st["mlflow_url"])
-    runs = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        filter_string=f"tags.`qabot.flow_run_id` = '{flow_run_id}'",
-    )
-    if not runs:
-        return {"report_dir": "?", "parent_run_url": None}
-    run = runs[0]
-    url = f"{st['mlflow_url']}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    """The parent MLflow run of a flow run (tagged with its id): its URL and the report's directory."""
     from pipeline_lib.config import qabot_home
+    from pipeline_lib.runs import find_parent_run
 
-    return {"parent_run_url": url, "report_dir": str(qabot_home() / "reports" / run.info.run_id)}
+    found = find_parent_run(st["mlflow_url"], flow_run_id)
+    if found is None:
+        return {"report_dir": "?", "parent_run_url": None}
+    run_id, url = found
+    return {"parent_run_url": url, "report_dir": str(qabot_home() / "reports" / run_id)}
 
 
 def cmd_data_prepare(args) -> int:

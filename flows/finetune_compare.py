@@ -10,29 +10,21 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from pipeline_lib.config import RunConfig, load_config
-from pipeline_lib.tracking import target_from_env
+from pipeline_lib.contracts import ModelResult
+from pipeline_lib.tracking import TrackingTarget, target_from_env
 from tasks import stages
 
 DEFAULT_CONFIG = load_config("smoke")
 
 
-def _tracking(config: RunConfig) -> dict:
-    t = target_from_env(config.tracking.experiment)
-    return {"uri": t.uri, "experiment": t.experiment}
-
-
-def _train_slice(config: RunConfig) -> dict:
-    """The part of the config that decides a training's result (its cache key and output directory)."""
-    return {
-        "training": config.training.model_dump(mode="json"),
-        "lora": config.lora.model_dump(mode="json"),
-        "quantization": config.quantization.model_dump(mode="json"),
-        "device": config.device,
-        "process_isolation": config.process_isolation,
-        "system_metrics": config.tracking.system_metrics,
-        "system_metrics_interval_s": config.tracking.system_metrics_interval_s,
-        "log_merged_model": config.tracking.log_merged_model,
-    }
+def _tracking(config: RunConfig) -> TrackingTarget:
+    t = config.tracking
+    return target_from_env(
+        t.experiment,
+        system_metrics=t.system_metrics,
+        system_metrics_interval_s=t.system_metrics_interval_s,
+        log_models=t.log_merged_model,
+    )
 
 
 @flow(name="finetune-compare", log_prints=True, validate_parameters=True)
@@ -40,7 +32,7 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
     """Fine-tune every model of `config` with QLoRA, merge, answer the question set and compare."""
     logger = get_run_logger()
     tracking = _tracking(config)
-    slice_ = _train_slice(config)
+    settings = config.train_settings()
     stages.preflight(config)
     parent = stages.start_parent_run(config, tracking, flow_run.get_id())
     try:
@@ -48,53 +40,49 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
         prepared = stages.clean_data(acquired, config.data)
         stages.log_data(parent, prepared, acquired, tracking)
         resolved = {spec.name: stages.resolve_model(spec) for spec in config.models}
-        results = []
+        results: list[ModelResult] = []
         for spec in config.models:
             model = resolved[spec.name]
             tokenized = stages.tokenize_data(
                 prepared, model, spec.max_length, spec.use_fast_tokenizer, config.training.long_rows
             )
-            trained = stages.train_model(model, tokenized, spec, slice_, parent, tracking)
+            trained = stages.train_model(model, tokenized, spec, settings, parent, tracking)
             registered = f"{config.name}-{spec.name}" if config.tracking.register_models else None
-            merged = stages.merge_model(trained, model, slice_, tracking, registered)
+            merged = stages.merge_model(trained, model, settings, tracking, registered)
             answers = stages.answer_questions(
-                merged,
-                spec.name,
-                config.inference.model_dump(mode="json"),
-                config.device,
-                config.process_isolation,
-                trained["run_id"],
-                tracking,
+                merged, spec.name, config.inference, settings, trained.run_id, tracking
             )
             results.append(
-                {
-                    "model_name": spec.name,
-                    "base_model": spec.base_model,
-                    "train": trained,
-                    "merge": merged,
-                    "answers": answers,
-                }
+                ModelResult(
+                    model_name=spec.name,
+                    base_model=spec.base_model,
+                    model=model,
+                    tokenized=tokenized,
+                    train=trained,
+                    merge=merged,
+                    answers=answers,
+                )
             )
             logger.info(
                 "%s: train loss %.4f, eval loss %.4f, fact accuracy %s",
                 spec.name,
-                trained["metrics"]["train_loss"],
-                trained["metrics"]["eval_loss"],
-                answers["fact_accuracy"],
+                trained.metrics.train_loss,
+                trained.metrics.eval_loss,
+                answers.fact_accuracy,
             )
-        report = stages.compare_models(
-            results, parent, tracking, f"{config.name}: {', '.join(r['model_name'] for r in results)}"
+        comparison = stages.compare_models(
+            results, parent, tracking, f"{config.name}: {', '.join(r.model_name for r in results)}"
         )
         summary = {
             "flow_run_id": str(flow_run.get_id()),
             "parent_run_id": parent,
-            "parent_run_url": report["parent_run_url"],
-            "report_dir": report["report_dir"],
+            "parent_run_url": comparison.parent_run_url,
+            "report_dir": comparison.report_dir,
             "models": {
-                r["model_name"]: {
-                    "child_run_id": r["train"]["run_id"],
-                    **r["train"]["metrics"],
-                    "fact_accuracy": r["answers"]["fact_accuracy"],
+                r.model_name: {
+                    "child_run_id": r.train.run_id,
+                    **r.train.metrics.model_dump(),
+                    "fact_accuracy": r.answers.fact_accuracy,
                 }
                 for r in results
             },

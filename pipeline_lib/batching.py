@@ -20,16 +20,8 @@ Pieces:
 - `pad_collate` / `PadCollator`: right padding, attention mask, padded labels -100 (by position, never by token id).
 - `pack_collate`: rows concatenated into one sequence with restarting `position_ids` and no attention mask;
   only for models where `supports_exact_packing` is true (see there for what was verified).
-- `QabotTrainer`: the Trainer with these training batches and a token-mean evaluation
-  (`pipeline_lib.evaluation`), whatever the evaluation batch size.
+The Trainer that uses them is `pipeline_lib.training.hf_trainer.QabotTrainer`.
 
-Loss normalisation with gradient accumulation (transformers 5.x, verified by tests): the Trainer counts the
-label tokens of all micro-batches of one optimizer step (`num_items_in_batch`, over `labels[..., 1:]`), the
-model's loss is the *sum* of token losses divided by that count, and the micro-batch losses are not divided
-by the number of accumulation steps. The accumulated gradient is therefore the gradient of the mean over
-every label token of the step, whatever the number of rows or tokens of each micro-batch. `QabotTrainer`
-keeps this true for models whose forward does not take loss keyword arguments by computing the same
-token-sum loss itself (`token_sum_loss`).
 """
 
 from __future__ import annotations
@@ -38,26 +30,15 @@ import hashlib
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
-from transformers import Trainer
+from torch.utils.data import Sampler
+
+from pipeline_lib.architectures import packs_exactly
 
 IGNORE_INDEX = -100
 MEGABATCH_STEPS = 16  # steps' worth of rows sorted together in `plan_steps`
-
-# Attention implementations for which packing through position_ids was checked to give the same per-row
-# logits and losses as running each row alone (fp32, tests/test_batching.py; flex_attention by hand on CPU).
-# transformers 5.x builds a block-diagonal causal mask from restarting position_ids when no attention mask and
-# no cache are passed, and Llama's rotary embeddings read the same position_ids.
-# Bloom and Falcon (ALiBi) are absent on purpose: their forward never passes position_ids to the mask
-# builder (Bloom does not even take them), so packed rows attend to the rows before them.
-_EXACT_PACKING: dict[str, frozenset[str]] = {
-    "llama": frozenset({"eager", "sdpa", "flex_attention"}),
-}
-
 
 # ---- planning ------------------------------------------------------------------------------------------------
 
@@ -306,194 +287,18 @@ def _base_model(model: Any) -> Any:
 
 
 def supports_exact_packing(model: Any) -> bool:
-    """True where packing through position_ids gives each row the same logits as running it alone.
-
-    Verified (transformers 5.23, CPU, fp32): Llama with eager and sdpa attention (tests) and flex_attention
-    (by hand; it compiles, which takes about a minute on CPU). Not equivalent: Bloom and Falcon, whose ALiBi
-    models never build a per-row mask from position_ids, so packed rows see the rows before them; they get
-    length-grouped padded batches instead. Unverified architectures and attention implementations
-    (flash-attention included) report False.
-    """
+    """True where packing through position_ids gives each row the same logits as running it alone, by the
+    model's family and attention implementation (`architectures.Family.exact_packing`, verified by
+    tests/test_batching.py): Llama with eager, sdpa and flex_attention. Bloom and Falcon (ALiBi) never build a
+    per-row mask from position_ids, so packed rows see the rows before them; they get length-grouped padded
+    batches instead. Unverified families and implementations (flash-attention included) report False."""
     config = getattr(_base_model(model), "config", None)
-    model_type = getattr(config, "model_type", None)
-    impl = getattr(config, "_attn_implementation", None)
-    return impl in _EXACT_PACKING.get(model_type, frozenset())
-
-
-# ---- Trainer integration -------------------------------------------------------------------------------------
-
-
-def token_sum_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-    """Causal-LM loss: sum of the token losses over `num_items_in_batch` (the step's label tokens).
-
-    The same normalisation as transformers' own causal-LM loss; used as `compute_loss_func` for models whose
-    forward does not take `num_items_in_batch`. Without a count it is the mean over this batch's tokens.
-    """
-    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-    logits = logits[..., :-1, :].float()
-    target = labels[..., 1:].to(logits.device)
-    total = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    if num_items_in_batch is None:
-        num_items_in_batch = (target != IGNORE_INDEX).sum().clamp(min=1)
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
-
-
-def _column(dataset: Any, name: str) -> list[int]:
-    if hasattr(dataset, "column_names"):
-        if name not in dataset.column_names:
-            raise ValueError(f"the training dataset has no {name!r} column (tokenize it with tokenize_split)")
-        return [int(x) for x in dataset[name]]
-    return [int(dataset[i][name]) for i in range(len(dataset))]
-
-
-def step_train_dataloader(
-    trainer: Any,
-    dataset: Any,
-    batch_size: int,
-    micro_batch: int,
-    group_by_length: bool = True,
-    length_column: str = "length",
-    collate_fn: Any = None,
-) -> DataLoader:
-    """The training DataLoader of `trainer` for `dataset` (with a `length` column), batched by `StepSampler`.
-
-    Mirrors `Trainer._get_dataloader`: unused columns removed, the Trainer's dataloader settings and worker
-    seeding, then `trainer.accelerator.prepare`. The sampler is seeded with `args.data_seed` (else
-    `args.seed`); `len()` of the result is the exact number of micro-batches per epoch.
-    """
-    import datasets
-    from transformers.trainer_utils import seed_worker
-
-    args = trainer.args
-    if args.gradient_accumulation_steps != batch_size // micro_batch:
-        raise ValueError(
-            f"gradient_accumulation_steps {args.gradient_accumulation_steps} must be "
-            f"batch_size {batch_size} / micro_batch {micro_batch}"
-        )
-    lengths = _column(dataset, length_column)
-    seed = args.data_seed if args.data_seed is not None else args.seed
-    sampler = StepSampler(lengths, batch_size, micro_batch, seed=seed, group_by_length=group_by_length)
-    collator = collate_fn if collate_fn is not None else trainer.data_collator
-    if isinstance(dataset, datasets.Dataset):
-        dataset = trainer._remove_unused_columns(dataset, description="Training")
-    else:
-        collator = trainer._get_collator_with_removed_columns(collator, description="Training")
-    params: dict[str, Any] = {
-        "batch_sampler": sampler,
-        "collate_fn": collator,
-        "num_workers": args.dataloader_num_workers,
-        "pin_memory": args.dataloader_pin_memory,
-        "persistent_workers": args.dataloader_persistent_workers,
-        "worker_init_fn": partial(
-            seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index
-        ),
-    }
-    if args.dataloader_num_workers > 0:
-        params["prefetch_factor"] = args.dataloader_prefetch_factor
-        params["multiprocessing_context"] = args.dataloader_multiprocessing_context
-    return trainer.accelerator.prepare(DataLoader(dataset, **params))
-
-
-def _pad_id(processing_class: Any, model: Any) -> int:
-    for owner in (processing_class, getattr(_base_model(model), "config", None)):
-        for attr in ("pad_token_id", "eos_token_id"):
-            value = getattr(owner, attr, None)
-            if isinstance(value, int):
-                return value
-    return 0
-
-
-class QabotTrainer(Trainer):
-    """A `transformers.Trainer` with the step contract of this module and a token-mean evaluation.
-
-    Extra keyword arguments: `batch_size` (rows per optimizer step; `per_device_train_batch_size` x
-    `gradient_accumulation_steps` must equal it), `group_by_length` (default True), `packing` (concatenate
-    each micro-batch's rows; only where `supports_exact_packing`), `eval_tokens_per_batch` (token budget of an
-    evaluation batch; it changes speed and memory, never the result), `length_column` (default "length").
-    Without a `data_collator` it uses `pad_collate` (or `pack_collate`). The training loss is a token mean
-    over each optimizer step (see the module docstring), also for models whose forward does not take
-    `num_items_in_batch`; `evaluate()` reports `eval_loss` as the token mean over the whole evaluation set,
-    with `eval_perplexity`, `eval_bits_per_byte` and the token and byte counts (`pipeline_lib.evaluation`).
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        batch_size: int,
-        group_by_length: bool = True,
-        packing: bool = False,
-        eval_tokens_per_batch: int = 4096,
-        length_column: str = "length",
-        **kwargs: Any,
-    ) -> None:
-        self.batch_size = int(batch_size)
-        self.group_by_length = group_by_length
-        self.packing = packing
-        self.eval_tokens_per_batch = int(eval_tokens_per_batch)
-        self.length_column = length_column
-        user_collator = kwargs.get("data_collator")
-        super().__init__(*args, **kwargs)
-        micro = self.args.per_device_train_batch_size
-        if micro * self.args.gradient_accumulation_steps != self.batch_size:
-            raise ValueError(
-                f"micro-batch {micro} x accumulation {self.args.gradient_accumulation_steps} "
-                f"must equal batch_size {self.batch_size}"
-            )
-        if packing and not supports_exact_packing(self.model):
-            raise ValueError(
-                "packing=True: packing is not exact for this model/attention implementation; "
-                "use length-grouped padded batches (packing=False)"
-            )
-        self.pad_token_id = _pad_id(self.processing_class, self.model)
-        if user_collator is None:
-            self.data_collator = pack_collate if packing else PadCollator(self.pad_token_id)
-        if not self.model_accepts_loss_kwargs and self.compute_loss_func is None:
-            self.compute_loss_func = token_sum_loss
-
-    def get_train_dataloader(self) -> DataLoader:
-        if self.train_dataset is None:
-            raise ValueError("Trainer: training requires a train_dataset.")
-        return step_train_dataloader(
-            self,
-            self.train_dataset,
-            self.batch_size,
-            self.args.per_device_train_batch_size,
-            self.group_by_length,
-            length_column=self.length_column,
-        )
-
-    def evaluate(
-        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
-    ) -> dict[str, float]:
-        """Token-mean loss, perplexity and bits per byte over the whole evaluation set; logged like the
-        Trainer's own evaluation (callbacks see `on_evaluate`)."""
-        from pipeline_lib.evaluation import score_dataset
-
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("Trainer: evaluation requires an eval_dataset.")
-        result = score_dataset(
-            self.model,
-            dataset,
-            pad_token_id=self.pad_token_id,
-            tokens_per_batch=self.eval_tokens_per_batch,
-            device=self.args.device,
-            bf16=self.args.bf16,
-        )
-        metrics = result.metrics(metric_key_prefix)
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+    return config is not None and packs_exactly(config)
 
 
 __all__ = [
     "IGNORE_INDEX",
     "PadCollator",
-    "QabotTrainer",
     "StepSampler",
     "expected_padding_share",
     "micro_batches",
@@ -502,7 +307,5 @@ __all__ = [
     "padding_share",
     "plan_batches",
     "plan_steps",
-    "step_train_dataloader",
     "supports_exact_packing",
-    "token_sum_loss",
 ]

@@ -7,6 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+from pipeline_lib.contracts import Comparison, ModelResult
+from pipeline_lib.tracking import TrackingTarget, make_tracker
 
 
 def _read_jsonl(path: str | Path) -> list[dict]:
@@ -71,26 +75,26 @@ def plot_curves(curve_df: pd.DataFrame, out_path: str | Path) -> Path:
     return out
 
 
-def cost_table(results: list[dict]) -> pd.DataFrame:
+def cost_table(results: list[ModelResult]) -> pd.DataFrame:
     rows = []
     for r in results:
-        m = r["train"]["metrics"]
-        ans = r.get("answers", {})
+        m, ans, q = r.train.metrics, r.answers, r.train.quantization
         rows.append(
             {
-                "model": r["model_name"],
-                "base_model": r["base_model"],
-                "train_loss": m.get("train_loss"),
-                "eval_loss": m.get("eval_loss"),
-                "steps": m.get("steps"),
-                "train_time_s": m.get("train_runtime_s"),
-                "real_tokens_per_s": m.get("real_tokens_per_s"),
-                "peak_memory_gib": m.get("peak_memory_gib"),
-                "share_4bit": r["train"].get("quantization", {}).get("share_4bit"),
-                "footprint_gib": r["train"].get("quantization", {}).get("footprint_bytes", 0) / 1024**3,
-                "fact_accuracy": ans.get("fact_accuracy"),
-                "mean_score": ans.get("mean_score"),
-                "answer_time_s": ans.get("seconds"),
+                "model": r.model_name,
+                "base_model": r.base_model,
+                "train_loss": m.train_loss,
+                "eval_loss": m.eval_loss,
+                "eval_bits_per_byte": m.eval_bits_per_byte,
+                "steps": m.steps,
+                "train_time_s": m.train_runtime_s,
+                "real_tokens_per_s": m.real_tokens_per_s,
+                "peak_memory_gib": m.peak_memory_gib,
+                "share_4bit": q.get("share_4bit"),
+                "footprint_gib": q.get("footprint_bytes", 0) / 1024**3,
+                "fact_accuracy": ans.fact_accuracy,
+                "mean_score": ans.mean_score,
+                "answer_time_s": ans.seconds,
             }
         )
     return pd.DataFrame(rows)
@@ -108,26 +112,25 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join([head, sep, *body])
 
 
-def build_report(results: list[dict], out_dir: str | Path, title: str = "qabot comparison") -> dict[str, str]:
-    """Write answers.csv, curves.csv, curves.png, costs.csv and report.md to `out_dir`; return their paths.
-
-    `results`: per model {model_name, base_model, train: <training result>, answers: <answer summary>}.
-    """
+def build_report(
+    results: list[ModelResult], out_dir: str | Path, title: str = "qabot comparison"
+) -> dict[str, str]:
+    """Write answers.csv, curves.csv, curves.png, costs.csv and report.md to `out_dir`; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    answer_files = {r["model_name"]: r["answers"]["answers_path"] for r in results}
+    answer_files = {r.model_name: r.answers.answers_path for r in results}
     table = answers_table(answer_files)
     table.to_csv(out / "answers.csv", index=False)
     histories = {}
     for r in results:
-        hist_file = Path(r["train"]["adapter_dir"]).parent / "log_history.json"
-        histories[r["model_name"]] = json.loads(hist_file.read_text()) if hist_file.exists() else []
+        hist_file = Path(r.train.adapter_dir).parent / "log_history.json"
+        histories[r.model_name] = json.loads(hist_file.read_text()) if hist_file.exists() else []
     cdf = curves(histories)
     cdf.to_csv(out / "curves.csv", index=False)
     plot_curves(cdf, out / "curves.png")
     costs = cost_table(results)
     costs.to_csv(out / "costs.csv", index=False)
-    models = [r["model_name"] for r in results]
+    models = [r.model_name for r in results]
     best = costs.sort_values("train_loss").iloc[0]["model"] if len(costs) else None
     ans_cols = ["id", "question", *models]
     lines = [
@@ -155,3 +158,28 @@ def build_report(results: list[dict], out_dir: str | Path, title: str = "qabot c
         name: str(out / name)
         for name in ("answers.csv", "curves.csv", "curves.png", "costs.csv", "report.md")
     }
+
+
+class CompareJob(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    results: list[ModelResult]
+    out_dir: str
+    title: str
+    tracking: TrackingTarget = TrackingTarget(uri=None, experiment="qabot")
+    parent_run_id: str | None = None
+
+
+def compare_stage(job: CompareJob) -> Comparison:
+    """Build the comparison and log it to the parent run (artifacts under `comparison/`)."""
+    files = build_report(job.results, job.out_dir, title=job.title)
+    url = None
+    if job.parent_run_id and job.tracking.enabled:
+        tracker = make_tracker(job.tracking)
+        for f in files.values():
+            tracker.log_artifact(job.parent_run_id, f, "comparison")
+        tracker.set_tags(
+            job.parent_run_id, {"qabot.child_runs": ",".join(r.train.run_id for r in job.results)}
+        )
+        url = tracker.run_url(job.parent_run_id)
+    return Comparison(report_dir=str(job.out_dir), files=files, parent_run_url=url)

@@ -7,8 +7,6 @@ turn slices of it into library objects (quantization config, LoRA config, Traini
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -245,6 +243,22 @@ class TrackingSettings(_Strict):
     log_merged_model: bool = Field(True, description="Upload the merged model directory as a run artifact.")
 
 
+class TrainSettings(_Strict):
+    """The settings every model's training, merge and answers share (`RunConfig.train_settings()`)."""
+
+    training: TrainingSettings = Field(
+        default_factory=TrainingSettings, description="Shared training settings."
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter.")
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="4-bit loading.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' = CUDA when present, else CPU."
+    )
+    process_isolation: Literal["auto", True, False] = Field(
+        "auto", description="Each stage holding a model in a process of its own ('auto' = on a GPU only)."
+    )
+
+
 class RunConfig(_Strict):
     """A whole fine-tune-and-compare run: data, models, training, inference and tracking."""
 
@@ -296,19 +310,22 @@ class RunConfig(_Strict):
     def lr_for(self, spec: ModelSpec) -> float:
         return spec.learning_rate or self.training.learning_rate
 
+    def train_settings(self) -> TrainSettings:
+        """The slice of this config that decides each model's training, merge and answers: their cache keys
+        and output directories (tracking settings are not in it: where results are logged changes nothing)."""
+        return TrainSettings(
+            training=self.training,
+            lora=self.lora,
+            quantization=self.quantization,
+            device=self.device,
+            process_isolation=self.process_isolation,
+        )
+
     def model(self, name: str) -> ModelSpec:
         for m in self.models:
             if m.name == name:
                 return m
         raise KeyError(name)
-
-
-def fingerprint(obj: Any) -> str:
-    """Stable short hash of JSON-able data (a config slice, a list of fingerprints)."""
-    if isinstance(obj, BaseModel):
-        obj = obj.model_dump(mode="json")
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def qabot_home() -> Path:

@@ -6,11 +6,15 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from pipeline_lib.config import InferenceSettings
+from pipeline_lib.contracts import AnswerResult
+from pipeline_lib.devices import resolve_device
 from pipeline_lib.prompts import build_prompt
 from pipeline_lib.questions import load_questions, score_answer
+from pipeline_lib.tracking import TrackingTarget, make_tracker
 
 
 def load_for_inference(model_dir: str | Path, device: str):
@@ -51,7 +55,7 @@ def generate_answers(
     the prompt text, nothing appended) and left-padded with an attention mask."""
     import torch
 
-    from pipeline_lib.tokenization import encode_prompts
+    from pipeline_lib.encoding import encode_prompts
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[dict] = []
@@ -88,20 +92,24 @@ def generate_answers(
     return out
 
 
-def answer_question_set(
-    model_dir: str,
-    out_path: str,
-    model_name: str,
-    settings: dict,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """Answer every question of the set with the model in `model_dir`; write JSONL and return a summary."""
-    from pipeline_lib.training import resolve_device
+class AnswerJob(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    s = InferenceSettings.model_validate(settings)
-    device = resolve_device(device)
+    model_name: str
+    model_dir: str  # a merged model directory (weights + tokenizer)
+    settings: InferenceSettings
+    device: str = "auto"
+    out_path: str  # answers.jsonl
+    tracking: TrackingTarget = TrackingTarget(uri=None, experiment="qabot")
+    run_id: str | None = None  # the model's run: answers and scores are logged there
+
+
+def answer_stage(job: AnswerJob) -> AnswerResult:
+    """Answer every question of the set with the model; write the answers (JSONL, scored) and log them."""
+    s = job.settings
+    device = resolve_device(job.device)
     questions = load_questions(s.question_set)
-    model, tokenizer = load_for_inference(model_dir, device)
+    model, tokenizer = load_for_inference(job.model_dir, device)
     t0 = time.time()
     answers = generate_answers(model, tokenizer, [build_prompt(q.question) for q in questions], s, device)
     seconds = time.time() - t0
@@ -110,7 +118,7 @@ def answer_question_set(
         sc = score_answer(q, a["answer"])
         rows.append(
             {
-                "model": model_name,
+                "model": job.model_name,
                 "id": q.id,
                 "question": q.question,
                 "kind": q.kind,
@@ -121,19 +129,25 @@ def answer_question_set(
                 "score_method": sc["method"],
             }
         )
-    path = Path(out_path)
+    path = Path(job.out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     path.write_text(text, encoding="utf-8")
     scored = [r["score"] for r in rows if r["score"] is not None]
     facts = [r["score"] for r in rows if r["kind"] == "fact"]
-    return {
-        "model_name": model_name,
-        "answers_path": str(path),
-        "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16],
-        "n_questions": len(rows),
-        "mean_score": sum(scored) / len(scored) if scored else None,
-        "fact_accuracy": sum(facts) / len(facts) if facts else None,
-        "seconds": seconds,
-        "new_tokens": sum(r["new_tokens"] for r in rows),
-    }
+    result = AnswerResult(
+        model_name=job.model_name,
+        answers_path=str(path),
+        fingerprint=hashlib.sha256(text.encode()).hexdigest()[:16],
+        n_questions=len(rows),
+        mean_score=sum(scored) / len(scored) if scored else None,
+        fact_accuracy=sum(facts) / len(facts) if facts else None,
+        seconds=seconds,
+        new_tokens=sum(r["new_tokens"] for r in rows),
+    )
+    if job.run_id and job.tracking.enabled:
+        tracker = make_tracker(job.tracking)
+        tracker.log_artifact(job.run_id, path)
+        numbers = {"mean_score": result.mean_score, "fact_accuracy": result.fact_accuracy}
+        tracker.log_metrics(job.run_id, {k: v for k, v in numbers.items() if v is not None})
+    return result

@@ -1,13 +1,17 @@
-"""Merge a trained adapter into a bf16 copy of its base model, check the merge, log and register it."""
+"""The merge stage: the adapter merged into a bf16 copy of its base, checked against the trained model,
+saved, logged and registered. `merge_stage(job) -> MergeResult`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
+from pipeline_lib import devices, modeling, tokenization
 from pipeline_lib.config import QuantizationConfig
-from pipeline_lib.tiny import directory_fingerprint
-from pipeline_lib.tracking import MlflowTracker, TrackingTarget, make_tracker, write_json
+from pipeline_lib.contracts import MergeResult, ResolvedModel, TrainResult
+from pipeline_lib.files import directory_fingerprint, write_json
+from pipeline_lib.tracking import TrackingTarget, make_tracker
 
 FIDELITY_TEXTS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -16,46 +20,43 @@ FIDELITY_TEXTS = [
 ]
 
 
-def merge_stage(
-    base_path: str,
-    adapter_dir: str,
-    out_dir: str,
-    quantization: dict,
-    device: str = "auto",
-    run_id: str | None = None,
-    tracking_uri: str | None = None,
-    experiment: str = "qabot",
-    registered_name: str | None = None,
-    log_model: bool = True,
-) -> dict[str, Any]:
+class MergeJob(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ResolvedModel  # the base the adapter was trained on
+    trained: TrainResult
+    quantization: QuantizationConfig  # how the base was loaded for training (the fidelity reference)
+    device: str = "auto"
+    out_dir: str
+    tracking: TrackingTarget = TrackingTarget(uri=None, experiment="qabot")
+    registered_name: str | None = None  # register the merged model under this name (None: log only)
+
+
+def merge_stage(job: MergeJob) -> MergeResult:
     """Merge, measure fidelity against the trained (4-bit base + adapter) model, save, log, register."""
-    from pipeline_lib import modeling
-    from pipeline_lib.training import resolve_device
-
-    device = resolve_device(device)
-    q = QuantizationConfig.model_validate(quantization)
-    out = Path(out_dir)
-    from pipeline_lib.tokenization import load_tokenizer
-
-    merge_info = modeling.merge_adapter(base_path, adapter_dir, out, device=device)
-    tokenizer = load_tokenizer(out)
+    device = devices.resolve_device(job.device)
+    out = Path(job.out_dir)
+    adapter = job.trained.adapter_dir
+    merge_info = modeling.merge_adapter(job.model.path, adapter, out, device=device)
+    tokenizer = tokenization.load_tokenizer(out)
     fidelity = modeling.merge_fidelity(
-        base_path, adapter_dir, out, q, tokenizer, FIDELITY_TEXTS, device=device
+        job.model.path, adapter, out, job.quantization, tokenizer, FIDELITY_TEXTS, device=device
     )
-    result: dict[str, Any] = {
-        "merged_dir": str(out),
-        "fingerprint": directory_fingerprint(out),
-        "merge": merge_info,
-        "fidelity": fidelity,
-        "registered": None,
-    }
-    write_json(out.parent / f"{out.name}.merge.json", result)
-    tracker = make_tracker(TrackingTarget(tracking_uri, experiment))
-    if run_id and isinstance(tracker, MlflowTracker):
-        tracker.log_metrics(
-            run_id, {f"merge.{k}": v for k, v in fidelity.items() if isinstance(v, (int, float))}
-        )
+    registered = None
+    run_id = job.trained.run_id
+    tracker = make_tracker(job.tracking)
+    if job.tracking.enabled:
+        numbers = {f"merge.{k}": v for k, v in fidelity.items() if isinstance(v, (int, float))}
+        tracker.log_metrics(run_id, numbers)
         tracker.log_dict(run_id, {"merge": merge_info, "fidelity": fidelity}, "merge.json")
-        if log_model:
-            result["registered"] = tracker.register_model_dir(run_id, out, registered_name)
+        if job.tracking.log_models:
+            registered = tracker.log_model(run_id, out, job.registered_name)
+    result = MergeResult(
+        merged_dir=str(out),
+        fingerprint=directory_fingerprint(out),
+        merge=merge_info,
+        fidelity=fidelity,
+        registered=registered,
+    )
+    write_json(out.parent / f"{out.name}.merge.json", result.to_json())
     return result

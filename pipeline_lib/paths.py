@@ -8,14 +8,16 @@ import uuid
 from importlib import resources
 from pathlib import Path
 
-from pipeline_lib.config import fingerprint, qabot_home
+from pipeline_lib.config import qabot_home
+from pipeline_lib.files import fingerprint
 
 
 def stage_dir(stage: str, name: str, *keys: object, home: Path | None = None) -> Path:
     """`$QABOT_HOME/<stage>/<name>-<hash of keys>`: the same inputs always map to the same directory, which
     is what lets a rerun find the checkpoints and MLflow run of an interrupted training."""
     base = home or qabot_home()
-    return base / stage / f"{name}-{fingerprint([str(k) for k in keys])}"
+    parts = [k.model_dump(mode="json") if hasattr(k, "model_dump") else str(k) for k in keys]
+    return base / stage / f"{name}-{fingerprint(parts)}"
 
 
 def source_probe(source: str, revision: str | None = None, sha256: str | None = None) -> str:

@@ -18,7 +18,7 @@ class RunPreflightError(RuntimeError):
 def _hub_reachable(kind: str, repo: str, revision: str | None, timeout: float) -> str | None:
     from huggingface_hub import HfApi
 
-    from pipeline_lib.modeling import _cached_snapshot
+    from pipeline_lib.modeling.resolve import _cached_snapshot
     from pipeline_lib.netutil import call_with_deadline, one_line
 
     api = HfApi()

@@ -32,30 +32,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pipeline_lib.architectures import ARCHS, family
+from pipeline_lib.files import directory_fingerprint
 from pipeline_lib.prompts import build_prompt
 
-ARCHS = ("llama", "bloom", "falcon")
 TINY_PREFIX = "tiny:"
 TINY_VERSION = 3  # bump when the recipe changes in a way the hash below cannot see (the code)
 PRETRAIN_STEPS = 300
 PRETRAIN_TEXTS = 4000
 VOCAB_SIZE = 1024
-HIDDEN = 64
-LAYERS = 2
-HEADS = 4
-INTERMEDIATE = 192  # llama's gated MLP (open_llama_3b: 8640 = 2.7 x 3200); Bloom and Falcon use 4 x hidden
-
-_SPECIALS = {
-    "llama": {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": None, "add_bos": True},
-    "bloom": {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": "<pad>", "add_bos": False},
-    "falcon": {
-        "bos": "<|endoftext|>",
-        "eos": "<|endoftext|>",
-        "unk": "<|endoftext|>",
-        "pad": None,
-        "add_bos": False,
-    },
-}
 
 
 def is_tiny(base_model: str) -> bool:
@@ -95,7 +80,7 @@ def build_tokenizer(arch: str, out_dir: str | Path, vocab_size: int = VOCAB_SIZE
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    sp = _SPECIALS[arch]
+    sp = family(arch).specials
     specials = list(dict.fromkeys(t for t in (sp["unk"], sp["bos"], sp["eos"], sp["pad"]) if t))
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -131,42 +116,10 @@ def build_tokenizer(arch: str, out_dir: str | Path, vocab_size: int = VOCAB_SIZE
 
 
 def tiny_config(arch: str, tokenizer):
-    """A small config of `arch` with the real model's structure."""
-    from transformers import BloomConfig, FalconConfig, LlamaConfig
-
-    ids = dict(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    """A small config of `arch` with the real model's structure (`architectures.Family.tiny_config`)."""
+    return family(arch).tiny_config(
+        len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     )
-    if arch == "llama":  # open_llama_3b: untied head, SiLU gated MLP, RMSNorm, rotary
-        return LlamaConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=INTERMEDIATE,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=HEADS,
-            max_position_embeddings=2048,
-            tie_word_embeddings=False,
-            **ids,
-        )
-    if arch == "bloom":  # bloom-3b: ALiBi, fused query_key_value, tied head
-        return BloomConfig(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, **ids)
-    if arch == "falcon":  # falcon-rw-1b: ALiBi, no new decoder architecture, sequential attn/MLP, biases
-        return FalconConfig(
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            alibi=True,
-            bias=True,
-            new_decoder_architecture=False,
-            multi_query=False,
-            parallel_attn=False,
-            max_position_embeddings=2048,
-            **ids,
-        )
-    raise ValueError(f"unknown architecture {arch!r}")
 
 
 def linear_sizes(config) -> set[int]:
@@ -245,8 +198,8 @@ def recipe_hash(arch: str) -> str:
     recipe = {
         "version": TINY_VERSION,
         "arch": arch,
-        "specials": _SPECIALS[arch],
-        "dims": [VOCAB_SIZE, HIDDEN, LAYERS, HEADS, INTERMEDIATE],
+        "specials": family(arch).specials,
+        "config": family(arch).tiny_config(VOCAB_SIZE, 0, 1, None).to_json_string(use_diff=False),
         "pretrain": [PRETRAIN_STEPS, PRETRAIN_TEXTS],
         "tokenizer_corpus": hashlib.sha256("\x00".join(_corpus()).encode()).hexdigest(),
         "pretrain_corpus": hashlib.sha256("\x00".join(pretraining_corpus()).encode()).hexdigest(),
@@ -262,18 +215,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ["QABOT_TINY_CACHE"]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "qabot" / "tiny"
-
-
-def directory_fingerprint(path: str | Path) -> str:
-    """sha256 over the names and contents of every file in a directory (sorted)."""
-    h = hashlib.sha256()
-    root = Path(path)
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(root)).encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def materialize_tiny(base_model: str, cache_dir: str | Path | None = None) -> tuple[Path, str]:

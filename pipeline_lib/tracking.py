@@ -1,28 +1,40 @@
 """Tracking behind one small interface: MLflow for real runs, a no-op for tests and dry runs.
 
-Runs are addressed by id (never by the fluent "active run"), so any process — the flow, a training
-subprocess, a later rerun — can log to the same run. Loss and learning rate come from the Trainer's own
-MLflow callback; CPU/GPU utilisation from MLflow's system metrics (which samples the GPU through pynvml).
+This module and `pipeline_lib.serving` are the only ones that import MLflow (tests/test_layers.py checks it).
+Stages see a `Tracker`: runs addressed by id (never by the fluent "active run"), so any process — the flow,
+an isolated stage, a later rerun — can log to the same run. Loss and learning rate come from the Trainer's
+own MLflow callback (`Tracker.trainer_callback`, made safe for continued runs); CPU/GPU utilisation from
+MLflow's system metrics (`Tracker.active_run`, which samples the GPU through pynvml); a merged model is
+logged and registered with `Tracker.log_model` (MLflow's models-from-code, `pipeline_lib/serving.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import BaseModel, ConfigDict
+
 PARENT_TAG = "mlflow.parentRunId"
+SERVING_CODE = Path(__file__).with_name("serving.py")  # the pyfunc model's code (models-from-code)
+LIBRARY_DIR = Path(__file__).parent  # attached to logged models, so they load outside this environment
 
 
-@dataclass(frozen=True)
-class TrackingTarget:
+class TrackingTarget(BaseModel):
     """Where to log: passed between stages and processes as plain data."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     uri: str | None  # None = tracking disabled
     experiment: str
+    system_metrics: bool = True  # sample CPU/GPU/memory into each model's run while it trains
+    system_metrics_interval_s: float | None = None  # None = MLflow's default
+    log_models: bool = True  # log (and register, when given a name) merged models
 
     @property
     def enabled(self) -> bool:
@@ -30,6 +42,8 @@ class TrackingTarget:
 
 
 class Tracker(Protocol):
+    target: TrackingTarget
+
     def start_run(self, name: str, *, parent_id: str | None = None, tags: dict | None = None) -> str: ...
     def resume_run(self, run_id: str) -> None: ...
     def run_status(self, run_id: str) -> str | None: ...
@@ -41,6 +55,10 @@ class Tracker(Protocol):
     def log_table(self, run_id: str, rows: list[dict], artifact_file: str) -> None: ...
     def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
     def run_url(self, run_id: str) -> str | None: ...
+    def find_run(self, tags: dict[str, str]) -> tuple[str, str | None] | None: ...
+    def trainer_callback(self, run_id: str) -> Any | None: ...
+    def active_run(self, run_id: str, system_metrics: bool = False) -> contextlib.AbstractContextManager: ...
+    def log_model(self, run_id: str, model_dir: str | Path, registered_name: str | None) -> dict | None: ...
 
 
 def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -58,7 +76,8 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
 class NullTracker:
     """Accepts every call and records nothing (tests, dry runs, tracking switched off)."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: TrackingTarget | None = None) -> None:
+        self.target = target or TrackingTarget(uri=None, experiment="none")
         self._n = 0
 
     def start_run(self, name: str, *, parent_id: str | None = None, tags: dict | None = None) -> str:
@@ -93,6 +112,18 @@ class NullTracker:
         return None
 
     def run_url(self, run_id):
+        return None
+
+    def find_run(self, tags):
+        return None
+
+    def trainer_callback(self, run_id):
+        return None
+
+    def active_run(self, run_id, system_metrics=False):
+        return contextlib.nullcontext()
+
+    def log_model(self, run_id, model_dir, registered_name):
         return None
 
 
@@ -132,17 +163,15 @@ class MlflowTracker:
         return None if run.info.lifecycle_stage == "deleted" else run.info.status
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Parameters the run does not have yet (a continued run keeps its first values)."""
         from mlflow.entities import Param
 
         existing = self.client.get_run(run_id).data.params
-        flat = {k: v for k, v in _flatten(params).items() if existing.get(k, v) == v and k not in existing}
-        items = [Param(k, v) for k, v in flat.items()]
+        items = [Param(k, v) for k, v in _flatten(params).items() if k not in existing]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
@@ -172,34 +201,120 @@ class MlflowTracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
-    def run_url(self, run_id: str) -> str | None:
+    def run_url(self, run_id: str, experiment_id: str | None = None) -> str | None:
         uri = self.target.uri or ""
         if not uri.startswith("http"):
             return None
-        return f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id or self.experiment_id}/runs/{run_id}"
 
-    def register_model_dir(self, run_id: str, model_dir: str | Path, registered_name: str | None) -> dict:
-        """Log a saved transformers model directory as an MLflow pyfunc model (questions in, answers out,
-        same prompt template as training) and register it under `registered_name`."""
-        from mlflow.models import infer_signature
+    def find_run(self, tags: dict[str, str]) -> tuple[str, str | None] | None:
+        """(run id, URL) of the newest run, in any experiment, carrying all of `tags`."""
+        where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        runs = self.client.search_runs(
+            experiments, filter_string=where, order_by=["start_time DESC"], max_results=1
+        )
+        if not runs:
+            return None
+        run = runs[0]
+        return run.info.run_id, self.run_url(run.info.run_id, run.info.experiment_id)
+
+    def trainer_callback(self, run_id: str):
+        """transformers' own MLflow callback, made safe for a run that continues after a kill or an
+        out-of-memory error: logging is synchronous (a kill loses nothing already reported), parameters the
+        run already has are not logged again (a changed value would be refused), and steps the run already
+        has (logged after the last checkpoint, then trained again) are not logged twice."""
+        from mlflow.entities import Param
+        from transformers.integrations import MLflowCallback
+
+        client = self.client
+        floor = max(
+            (m.step for key in ("loss", "eval_loss") for m in client.get_metric_history(run_id, key)),
+            default=-1,
+        )
+
+        class ResumableMLflowCallback(MLflowCallback):
+            def setup(self, args, state, model):
+                previous = os.environ.get("MLFLOW_MAX_LOG_PARAMS")
+                os.environ["MLFLOW_MAX_LOG_PARAMS"] = "0"  # the parameters are logged below
+                try:
+                    super().setup(args, state, model)
+                finally:
+                    if previous is None:
+                        os.environ.pop("MLFLOW_MAX_LOG_PARAMS", None)
+                    else:
+                        os.environ["MLFLOW_MAX_LOG_PARAMS"] = previous
+                self._async_log = False
+                existing = client.get_run(run_id).data.params
+                config = getattr(model, "config", None)
+                combined = {**(config.to_dict() if config is not None else {}), **args.to_dict()}
+                items = [
+                    Param(k, str(v))
+                    for k, v in combined.items()
+                    if k not in existing and len(str(v)) <= self._MAX_PARAM_VAL_LENGTH
+                ]
+                for i in range(0, len(items), 100):
+                    client.log_batch(run_id, params=items[i : i + 100])
+
+            def on_log(self, args, state, control, logs, model=None, **kwargs):
+                if state.global_step <= floor:
+                    return
+                # The summary's train_loss covers this call's steps only; the stage logs the whole run's.
+                logs = {k: v for k, v in logs.items() if k != "train_loss"}
+                super().on_log(args, state, control, logs, model=model, **kwargs)
+
+        return ResumableMLflowCallback()
+
+    @contextlib.contextmanager
+    def active_run(self, run_id: str, system_metrics: bool = False) -> Iterator[None]:
+        """`run_id` as MLflow's active (fluent) run while inside — where the Trainer's callback logs — with
+        MLflow's system metrics (CPU, memory, GPU through pynvml) sampled into it when `system_metrics`
+        (every `target.system_metrics_interval_s`). The run's status is left to `end_run`."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.target.uri)
+        if system_metrics and self.target.system_metrics_interval_s:
+            mlflow.set_system_metrics_sampling_interval(self.target.system_metrics_interval_s)
+        status = self.client.get_run(run_id).info.status
+        mlflow.start_run(
+            run_id=run_id, log_system_metrics=system_metrics, nested=mlflow.active_run() is not None
+        )
+        try:
+            yield
+        finally:
+            mlflow.end_run(status=status)
+
+    def log_model(self, run_id: str, model_dir: str | Path, registered_name: str | None) -> dict:
+        """Log a merged transformers model directory as an MLflow pyfunc model (`pipeline_lib/serving.py`,
+        models-from-code: questions in, answers out, the training prompt template) with the library
+        attached, and register it under `registered_name`."""
+        from mlflow.models.signature import ModelSignature
+        from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
         import mlflow
-        from pipeline_lib.serving import QABotModel
 
-        signature = infer_signature(
-            ["What is the capital city of Australia?"],
-            ["Canberra."],
-            params={"max_new_tokens": 128, "do_sample": False, "temperature": 0.7, "repetition_penalty": 1.1},
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("string", "question"), ColSpec("string", "input", required=False)]),
+            outputs=Schema([ColSpec("string", "answer")]),
+            params=ParamSchema(
+                [
+                    ParamSpec("max_new_tokens", "long", 128),
+                    ParamSpec("do_sample", "boolean", False),
+                    ParamSpec("temperature", "double", 0.7),
+                    ParamSpec("repetition_penalty", "double", 1.1),
+                ]
+            ),
         )
         mlflow.set_tracking_uri(self.target.uri)
-        with _quiet_active_run(run_id):
+        with _quiet_active_run(self.client, run_id):
             info = mlflow.pyfunc.log_model(
                 name="merged_model",
-                python_model=QABotModel(),
+                python_model=str(SERVING_CODE),
                 artifacts={"model_dir": str(model_dir)},
+                code_paths=[str(LIBRARY_DIR)],
                 registered_model_name=registered_name,
                 signature=signature,
-                pip_requirements=["torch", "transformers", "accelerate", "qabot"],
+                pip_requirements=_requirements(),
             )
         return {
             "model_uri": info.model_uri,
@@ -207,17 +322,38 @@ class MlflowTracker:
         }
 
 
-class _quiet_active_run:
-    """Make `run_id` the fluent active run for a call that needs one, then leave it as it was."""
+def _requirements() -> list[str]:
+    """What the logged model needs, pinned to the versions it was logged with (all on the package index)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
+    out = []
+    for name in (
+        "torch",
+        "transformers",
+        "accelerate",
+        "safetensors",
+        "tokenizers",
+        "pydantic",
+        "mlflow",
+        "pandas",
+    ):
+        try:
+            out.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+class _quiet_active_run:
+    """Make `run_id` the fluent active run for a call that needs one, then leave its status as it was."""
+
+    def __init__(self, client, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
 
     def __enter__(self):
         import mlflow
-        from mlflow import MlflowClient
 
-        self._status = MlflowClient().get_run(self.run_id).info.status
+        self._status = self.client.get_run(self.run_id).info.status
         self._run = mlflow.start_run(run_id=self.run_id, log_system_metrics=False)
         return self._run
 
@@ -230,25 +366,13 @@ class _quiet_active_run:
 
 def make_tracker(target: TrackingTarget | None) -> Tracker:
     if target is None or not target.enabled:
-        return NullTracker()
+        return NullTracker(target)
     return MlflowTracker(target)
 
 
-def target_from_env(experiment: str) -> TrackingTarget:
-    """MLFLOW_TRACKING_URI decides; 'off'/'none'/'' disables tracking."""
+def target_from_env(experiment: str, **settings: Any) -> TrackingTarget:
+    """MLFLOW_TRACKING_URI decides where; 'off'/'none'/'' disables tracking. `settings`: the other fields."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri.lower() in ("", "off", "none", "disabled"):
-        return TrackingTarget(None, experiment)
-    return TrackingTarget(uri, experiment)
-
-
-def write_json(path: str | Path, data: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
-    ) as f:
-        json.dump(data, f, indent=2, ensure_ascii=False, default=str)
-        tmp = f.name
-    os.replace(tmp, path)
-    return path
+        return TrackingTarget(uri=None, experiment=experiment, **settings)
+    return TrackingTarget(uri=uri, experiment=experiment, **settings)

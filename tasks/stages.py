@@ -1,22 +1,39 @@
-"""Thin Prefect tasks: each calls one `pipeline_lib` function and declares caching, retries and artifacts.
+"""Thin Prefect tasks: each calls one `pipeline_lib` stage and declares caching, retries and artifacts.
 
-Tasks pass paths and fingerprints (small dicts), never live models or datasets. Heavy tasks are cached on
-their inputs plus their own source code, with persisted results, so a rerun with unchanged inputs skips
-them; training, merging and answering run in a process of their own (`RunConfig.process_isolation`).
+A task computes its stage directory (from its inputs' fingerprints, so a rerun finds an interrupted stage's
+work), calls the stage — in a process of its own where it holds a model (`RunConfig.process_isolation`) —
+and publishes Prefect artifacts. Tasks pass typed records of paths and fingerprints
+(`pipeline_lib.contracts`), never live models or datasets. Heavy tasks are cached on their inputs plus their
+own source code, with persisted results; inputs that only say where to log (`tracking`, run ids) are left
+out of the keys.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
-from pipeline_lib import isolation, jobs, paths
-from pipeline_lib.config import DataConfig, ModelSpec, RunConfig, fingerprint, qabot_home
-from pipeline_lib.tracking import TrackingTarget, make_tracker
+from pipeline_lib import isolation, paths, runs
+from pipeline_lib.compare import CompareJob, compare_stage
+from pipeline_lib.config import DataConfig, InferenceSettings, ModelSpec, RunConfig, TrainSettings, qabot_home
+from pipeline_lib.contracts import (
+    AnswerResult,
+    Comparison,
+    MergeResult,
+    ModelResult,
+    ResolvedModel,
+    TokenizedData,
+    TrainResult,
+)
+from pipeline_lib.files import fingerprint
+from pipeline_lib.inference import AnswerJob, answer_stage
+from pipeline_lib.merge import MergeJob, merge_stage
+from pipeline_lib.tokenization import TokenizeJob, tokenize_stage
+from pipeline_lib.tracking import TrackingTarget
+from pipeline_lib.training import TrainJob, train_stage
 
 CACHED = INPUTS + TASK_SOURCE
 # Inputs that say where to log, not what to compute: a rerun under a new parent run still hits the cache.
@@ -76,105 +93,104 @@ def clean_data(acquired: dict, data: DataConfig) -> dict:
     retry_delay_seconds=[5, 15],
     retry_condition_fn=_network_error,
 )
-def resolve_model(spec: ModelSpec) -> dict:
-    from dataclasses import asdict
-
+def resolve_model(spec: ModelSpec) -> ResolvedModel:
     from pipeline_lib.modeling import resolve_base_model
 
-    return asdict(resolve_base_model(spec, qabot_home() / "models" / "base"))
+    return resolve_base_model(spec, qabot_home() / "models" / "base")
 
 
 @task(name="tokenize", cache_policy=CACHED, persist_result=True)
 def tokenize_data(
-    prepared: dict, model: dict, max_length: int, use_fast: bool | None, long_rows: str = "cut"
-) -> dict:
-    from pipeline_lib.tokenization import tokenize_prepared
-
+    prepared: dict, model: ResolvedModel, max_length: int, use_fast: bool | None, long_rows: str = "cut"
+) -> TokenizedData:
     out = paths.stage_dir(
-        "tokenized",
-        model["name"],
-        prepared["fingerprint"],
-        model["fingerprint"],
-        max_length,
-        use_fast,
-        long_rows,
+        "tokenized", model.name, prepared["fingerprint"], model.fingerprint, max_length, use_fast, long_rows
     )
-    result = tokenize_prepared(
-        prepared,
-        model["path"],
-        max_length,
-        out,
+    job = TokenizeJob(
+        train_path=prepared["train_path"],
+        eval_path=prepared["eval_path"],
+        data_fingerprint=prepared["fingerprint"],
+        model=model,
+        max_length=max_length,
         use_fast=use_fast,
-        base_model=model["base_model"],
         long_rows=long_rows,
+        out_dir=str(out),
     )
-    get_run_logger().info("%s: %s", model["name"], result["train"]["length_stats"])
+    result = tokenize_stage(job)
+    get_run_logger().info("%s: %s", model.name, result.train.length_stats.model_dump())
     return result
 
 
 @task(name="train", cache_policy=CACHED_TRACKED, persist_result=True)
 def train_model(
-    model: dict, tokenized: dict, spec: ModelSpec, config: dict, parent_run_id: str | None, tracking: dict
-) -> dict:
-    out = paths.stage_dir("runs", spec.name, model["fingerprint"], tokenized["fingerprint"], config)
-    payload = jobs.train_job(model, tokenized, spec, config, parent_run_id, tracking, out)
+    model: ResolvedModel,
+    tokenized: TokenizedData,
+    spec: ModelSpec,
+    settings: TrainSettings,
+    parent_run_id: str | None,
+    tracking: TrackingTarget,
+) -> TrainResult:
+    out = paths.stage_dir("runs", spec.name, model.fingerprint, tokenized.fingerprint, spec, settings)
+    job = TrainJob(
+        model=model,
+        data=tokenized,
+        spec=spec,
+        settings=settings,
+        out_dir=str(out),
+        tracking=tracking,
+        parent_run_id=parent_run_id,
+    )
+    isolate = isolation.wanted(settings.process_isolation, settings.device)
     return isolation.call(
-        "pipeline_lib.training:train_stage",
-        {"job": payload},
-        isolate=isolation.wanted(config["process_isolation"], config["device"]),
-        log_path=out / "train.log",
-        label=f"train {spec.name}",
+        train_stage, job, isolate=isolate, log_path=out / "train.log", label=f"train {spec.name}"
     )
 
 
 @task(name="merge", cache_policy=CACHED_TRACKED, persist_result=True)
 def merge_model(
-    trained: dict, model: dict, config: dict, tracking: dict, registered_name: str | None
-) -> dict:
-    out = paths.stage_dir(
-        "merged", trained["model_name"], trained["adapter_fingerprint"], model["fingerprint"]
+    trained: TrainResult,
+    model: ResolvedModel,
+    settings: TrainSettings,
+    tracking: TrackingTarget,
+    registered_name: str | None,
+) -> MergeResult:
+    out = paths.stage_dir("merged", trained.model_name, trained.adapter_fingerprint, model.fingerprint)
+    job = MergeJob(
+        model=model,
+        trained=trained,
+        quantization=settings.quantization,
+        device=settings.device,
+        out_dir=str(out),
+        tracking=tracking,
+        registered_name=registered_name,
     )
-    payload = jobs.merge_job(trained, model, config, tracking, registered_name, out)
-    return isolation.call(
-        "pipeline_lib.merge:merge_stage",
-        payload,
-        isolate=isolation.wanted(config["process_isolation"], config["device"]),
-        log_path=out.with_suffix(".log"),
-        label=f"merge {trained['model_name']}",
-    )
+    isolate = isolation.wanted(settings.process_isolation, settings.device)
+    label = f"merge {trained.model_name}"
+    return isolation.call(merge_stage, job, isolate=isolate, log_path=out.with_suffix(".log"), label=label)
 
 
 @task(name="answer-questions", cache_policy=CACHED_TRACKED, persist_result=True)
 def answer_questions(
-    merged: dict,
+    merged: MergeResult,
     model_name: str,
-    inference: dict,
-    device: str,
-    isolate: bool | str,
+    inference: InferenceSettings,
+    settings: TrainSettings,
     run_id: str | None,
-    tracking: dict,
-) -> dict:
-    out = paths.stage_dir("answers", model_name, merged["fingerprint"], inference)
-    result = isolation.call(
-        "pipeline_lib.inference:answer_question_set",
-        {
-            "model_dir": merged["merged_dir"],
-            "out_path": str(out / "answers.jsonl"),
-            "model_name": model_name,
-            "settings": inference,
-            "device": device,
-        },
-        isolate=isolation.wanted(isolate, device),
-        log_path=out / "answer.log",
-        label=f"answer {model_name}",
+    tracking: TrackingTarget,
+) -> AnswerResult:
+    out = paths.stage_dir("answers", model_name, merged.fingerprint, inference)
+    job = AnswerJob(
+        model_name=model_name,
+        model_dir=merged.merged_dir,
+        settings=inference,
+        device=settings.device,
+        out_path=str(out / "answers.jsonl"),
+        tracking=tracking,
+        run_id=run_id,
     )
-    tracker = make_tracker(TrackingTarget(tracking.get("uri"), tracking["experiment"]))
-    if run_id:
-        tracker.log_artifact(run_id, result["answers_path"])
-        tracker.log_metrics(
-            run_id, {k: result[k] for k in ("mean_score", "fact_accuracy") if result[k] is not None}
-        )
-    return result
+    isolate = isolation.wanted(settings.process_isolation, settings.device)
+    label = f"answer {model_name}"
+    return isolation.call(answer_stage, job, isolate=isolate, log_path=out / "answer.log", label=label)
 
 
 @task(name="preflight", cache_policy=NO_CACHE)
@@ -185,87 +201,45 @@ def preflight(config: RunConfig) -> None:
 
 
 @task(name="start-parent-run", cache_policy=NO_CACHE)
-def start_parent_run(config: RunConfig, tracking: dict, flow_run_id: str | None) -> str | None:
-    tracker = make_tracker(TrackingTarget(tracking.get("uri"), tracking["experiment"]))
-    run_id = tracker.start_run(
-        config.name,
-        tags={
-            "qabot.profile": config.profile,
-            "qabot.flow_run_id": flow_run_id,
-            "qabot.config_fingerprint": fingerprint(config),
-        },
-    )
-    tracker.log_params(
-        run_id,
-        {
-            "models": [m.name for m in config.models],
-            "profile": config.profile,
-            "device": config.device,
-            "data.source": config.data.source,
-            "data.revision": config.data.revision,
-        },
-    )
-    tracker.log_dict(run_id, config.model_dump(mode="json"), "config.json")
-    url = tracker.run_url(run_id)
+def start_parent_run(config: RunConfig, tracking: TrackingTarget, flow_run_id: str | None) -> str | None:
+    run_id = runs.start_parent_run(config, tracking, flow_run_id)
+    url = runs.run_url(tracking, run_id)
     if url:
         get_run_logger().info("MLflow parent run: %s", url)
-    return run_id if tracking.get("uri") else None
+    return run_id
 
 
 @task(name="log-data", cache_policy=NO_CACHE)
-def log_data(parent_run_id: str | None, prepared: dict, acquired: dict, tracking: dict) -> None:
-    from pipeline_lib.data import audit_table
-
-    if not parent_run_id:
-        return
-    tracker = make_tracker(TrackingTarget(tracking.get("uri"), tracking["experiment"]))
-    audit = Path(prepared["audit_path"])
-    import json
-
-    a = json.loads(audit.read_text())
-    tracker.log_params(
-        parent_run_id,
-        {
-            "dataset_fingerprint": prepared["fingerprint"],
-            "dataset_sha256": acquired["sha256"],
-            "rows_in": a["rows_in"],
-            "rows_out": a["rows_out"],
-        },
-    )
-    tracker.log_artifact(parent_run_id, audit, "data")
-    tracker.log_table(parent_run_id, audit_table(a), "data/audit_table.json")
+def log_data(parent_run_id: str | None, prepared: dict, acquired: dict, tracking: TrackingTarget) -> None:
+    runs.log_data(tracking, parent_run_id, prepared, acquired)
 
 
 @task(name="compare", cache_policy=NO_CACHE)
-def compare_models(results: list[dict], parent_run_id: str | None, tracking: dict, title: str) -> dict:
-    from pipeline_lib.compare import build_report
-
-    out = qabot_home() / "reports" / (parent_run_id or fingerprint(results))
-    files = build_report(results, out, title=title)
-    tracker = make_tracker(TrackingTarget(tracking.get("uri"), tracking["experiment"]))
-    url = None
-    if parent_run_id:
-        for f in files.values():
-            tracker.log_artifact(parent_run_id, f, "comparison")
-        tracker.set_tags(parent_run_id, {"qabot.child_runs": ",".join(r["train"]["run_id"] for r in results)})
-        url = tracker.run_url(parent_run_id)
-    report = Path(files["report.md"]).read_text(encoding="utf-8")
+def compare_models(
+    results: list[ModelResult], parent_run_id: str | None, tracking: TrackingTarget, title: str
+) -> Comparison:
+    out = (
+        qabot_home()
+        / "reports"
+        / (parent_run_id or fingerprint([r.model_dump(mode="json") for r in results]))
+    )
+    job = CompareJob(
+        results=results, out_dir=str(out), title=title, tracking=tracking, parent_run_id=parent_run_id
+    )
+    comparison = compare_stage(job)
+    report = Path(comparison.files["report.md"]).read_text(encoding="utf-8")
+    url = comparison.parent_run_url
     link = f"\n\nPlots and all artifacts: [MLflow run]({url})\n" if url else ""
     create_markdown_artifact(
         report.replace("![loss and learning rate](curves.png)", "") + link,
         key="comparison",
         description=title,
     )
-    return {"report_dir": str(out), "files": files, "parent_run_url": url}
+    return comparison
 
 
 @task(name="finish-parent-run", cache_policy=NO_CACHE)
 def finish_parent_run(
-    parent_run_id: str | None, tracking: dict, status: str, summary: dict[str, Any] | None
+    parent_run_id: str | None, tracking: TrackingTarget, status: str, summary: dict | None
 ) -> None:
-    if not parent_run_id:
-        return
-    tracker = make_tracker(TrackingTarget(tracking.get("uri"), tracking["experiment"]))
-    if summary:
-        tracker.log_dict(parent_run_id, summary, "summary.json")
-    tracker.end_run(parent_run_id, status)
+    runs.finish_parent_run(tracking, parent_run_id, status, summary)

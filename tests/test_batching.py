@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from pipeline_lib.batching import (
     IGNORE_INDEX,
     PadCollator,
-    QabotTrainer,
     StepSampler,
     expected_padding_share,
     pack_collate,
@@ -28,10 +27,10 @@ from pipeline_lib.batching import (
     plan_batches,
     plan_steps,
     supports_exact_packing,
-    token_sum_loss,
 )
 from pipeline_lib.synthetic import alpaca_rows, write_jsonl
 from pipeline_lib.tokenization import encode_batch, load_tokenized, load_tokenizer, tokenize_split
+from pipeline_lib.training.hf_trainer import QabotTrainer, token_sum_loss
 
 ARCHS = ("llama", "bloom", "falcon")
 ROWS = [

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_lib.config import PROFILES, ConfigError, RunConfig, fingerprint, load_config, parse_config
+from pipeline_lib.config import PROFILES, ConfigError, RunConfig, load_config, parse_config
+from pipeline_lib.files import fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
 

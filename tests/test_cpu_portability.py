@@ -21,16 +21,17 @@ from pathlib import Path
 
 import bitsandbytes as bnb
 import bitsandbytes.nn.modules as bnb_modules
+import jobs
 import pytest
 import torch
 from bitsandbytes.functional import has_avx512bf16
 from peft import get_peft_model
 
-from pipeline_lib import jobs, modeling, tokenization
+from pipeline_lib import modeling, tokenization
 from pipeline_lib.batching import pad_collate
-from pipeline_lib.config import LoraSettings, ModelSpec, QuantizationConfig, TrainingSettings
+from pipeline_lib.config import LoraSettings, QuantizationConfig
 from pipeline_lib.synthetic import alpaca_rows, write_jsonl
-from pipeline_lib.training import TrainJob, run_training
+from pipeline_lib.training import TrainJob, train_stage
 
 ARCHS = ("llama", "bloom", "falcon")
 LORA = LoraSettings(r=8, alpha=16, dropout=0.0)
@@ -116,7 +117,7 @@ def test_the_guard_undoes_a_repacking_that_already_happened(tiny_models, avx512b
 
 
 @pytest.fixture(scope="module")
-def tokenized(tiny_models, tmp_path_factory) -> dict[str, dict]:
+def tokenized(tiny_models, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("portability")
     rows = alpaca_rows(40, seed=8)
     prepared = {
@@ -124,40 +125,19 @@ def tokenized(tiny_models, tmp_path_factory) -> dict[str, dict]:
         "eval_path": str(write_jsonl(rows[32:], root / "eval.jsonl")),
         "fingerprint": "portability",
     }
-    return {
-        arch: tokenization.tokenize_prepared(prepared, tiny_models[arch], 128, root / f"tok-{arch}")
-        for arch in ARCHS
-    }
+    return {arch: jobs.tokenized(prepared, tiny_models[arch], 128, root / f"tok-{arch}") for arch in ARCHS}
 
 
 def _job(arch: str, tiny_models, tokenized, out_dir: Path, **training) -> TrainJob:
-    path = Path(tiny_models[arch])
-    spec = ModelSpec(name=f"{arch}-tiny", base_model=f"tiny:{arch}", batch_size=4, max_length=128)
-    config = {
-        "training": TrainingSettings(learning_rate=5e-3, save_steps=100, **training).model_dump(mode="json"),
-        "lora": LORA.model_dump(mode="json"),
-        "quantization": QuantizationConfig().model_dump(mode="json"),
-        "device": "cpu",
-        "system_metrics": False,
-        "system_metrics_interval_s": 1.0,
-    }
-    model = {
-        "path": str(path),
-        "revision": None,
-        "fingerprint": json.loads((path / "qabot_tiny.json").read_text())["fingerprint"],
-        "arch": arch,
-    }
-    return TrainJob(
-        **jobs.train_job(
-            model, tokenized[arch], spec, config, None, {"uri": None, "experiment": "x"}, out_dir
-        )
+    return jobs.train_job(
+        arch, tiny_models[arch], tokenized[arch], out_dir, lora=LORA, training={"save_steps": 100, **training}
     )
 
 
-def _adapter(result: dict) -> dict[str, torch.Tensor]:
+def _adapter(result) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(Path(result["adapter_dir"]) / "adapter_model.safetensors"))
+    return load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -166,14 +146,14 @@ def test_evaluating_during_training_does_not_change_training(
 ):
     # Reference: no evaluation at all (no eval split).
     plain_job = _job(arch, tiny_models, tokenized, tmp_path / "plain")
-    plain_job.eval_dataset = None
-    plain = run_training(plain_job)
+    plain_job = plain_job.model_copy(update={"data": plain_job.data.model_copy(update={"eval": None})})
+    plain = train_stage(plain_job)
     # Evaluation before the first step and after every second step.
-    evaluated = run_training(_job(arch, tiny_models, tokenized, tmp_path / "eval", eval_steps=2))
+    evaluated = train_stage(_job(arch, tiny_models, tokenized, tmp_path / "eval", eval_steps=2))
 
     history = json.loads((tmp_path / "eval" / "log_history.json").read_text())
     assert sum("eval_loss" in h for h in history) >= 4  # step 0, 2, 4, 6, 8
-    assert evaluated["metrics"]["steps"] == plain["metrics"]["steps"] == 8
+    assert evaluated.metrics.steps == plain.metrics.steps == 8
     losses = [
         h["loss"] for h in json.loads((tmp_path / "plain" / "log_history.json").read_text()) if "loss" in h
     ]

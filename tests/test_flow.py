@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import logging
 
+import fakes
 import pytest
 
 from flows import finetune_compare as flow_module
 from pipeline_lib.config import load_config
+from pipeline_lib.contracts import Comparison
 
 
 class Recorder:
@@ -22,27 +24,25 @@ class Recorder:
         self.calls.append((name, kwargs))
         if name == self.fail_at:
             raise RuntimeError(f"{name} failed")
-        model = kwargs.get("spec") or kwargs.get("model_name")
-        label = getattr(model, "name", model)
+        spec = kwargs.get("spec")
+        label = spec.name if spec is not None else kwargs.get("model_name")
+        if name == "resolve_model":
+            return fakes.resolved(label)
+        if name == "tokenize_data":
+            return fakes.tokenized(kwargs["model"].name)
+        if name == "train_model":
+            return fakes.trained(label)
+        if name == "merge_model":
+            return fakes.merged(kwargs["trained"].model_name)
+        if name == "answer_questions":
+            return fakes.answered(label)
         return {
             "preflight": None,
             "start_parent_run": "parent-1",
             "acquire_data": {"sha256": "raw", "path": "/raw"},
             "clean_data": {"fingerprint": "data-fp", "train_path": "t", "eval_path": "e"},
             "log_data": None,
-            "resolve_model": {"name": label, "fingerprint": f"model-{label}", "path": "/m"},
-            "tokenize_data": {"fingerprint": f"tok-{kwargs.get('model', {}).get('name')}"},
-            "train_model": {
-                "run_id": f"run-{label}",
-                "model_name": label,
-                "metrics": {"train_loss": 1.0, "eval_loss": 2.0},
-            },
-            "merge_model": {
-                "merged_dir": "/mm",
-                "fingerprint": f"merged-{kwargs.get('trained', {}).get('model_name')}",
-            },
-            "answer_questions": {"fact_accuracy": 0.5, "answers_path": "/a"},
-            "compare_models": {"report_dir": "/r", "parent_run_url": None, "files": {}},
+            "compare_models": Comparison(report_dir="/r", files={}),
             "finish_parent_run": None,
         }[name]
 
@@ -83,17 +83,19 @@ def test_each_stage_gets_what_the_one_before_returned(monkeypatch):
     # One model at a time: tokenize -> train -> merge -> answer, in the configured order.
     per_model = [n for n in names if n in {"tokenize_data", "train_model", "merge_model", "answer_questions"}]
     assert per_model == ["tokenize_data", "train_model", "merge_model", "answer_questions"] * len(models)
-    for tok in rec.args("tokenize_data"):
-        assert tok["prepared"]["fingerprint"] == "data-fp"
+    for name, tok in zip(models, rec.args("tokenize_data"), strict=True):
+        assert tok["prepared"]["fingerprint"] == "data-fp" and tok["model"].name == name
     for name, train in zip(models, rec.args("train_model"), strict=True):
-        assert train["tokenized"]["fingerprint"] == f"tok-{name}" and train["spec"].name == name
-        assert train["parent_run_id"] == "parent-1"
+        assert train["tokenized"].fingerprint == f"tok-{name}" and train["spec"].name == name
+        assert train["model"].fingerprint == f"model-{name}" and train["parent_run_id"] == "parent-1"
+        assert train["settings"] == config.train_settings()
     for name, merge in zip(models, rec.args("merge_model"), strict=True):
-        assert merge["trained"]["run_id"] == f"run-{name}"
+        assert merge["trained"].run_id == f"run-{name}" and merge["model"].name == name
     for name, answer in zip(models, rec.args("answer_questions"), strict=True):
-        assert answer["merged"]["fingerprint"] == f"merged-{name}" and answer["run_id"] == f"run-{name}"
+        assert answer["merged"].fingerprint == f"merged-{name}" and answer["run_id"] == f"run-{name}"
     (compare,) = rec.args("compare_models")
-    assert [r["model_name"] for r in compare["results"]] == models
+    assert [r.model_name for r in compare["results"]] == models
+    assert [r.train.run_id for r in compare["results"]] == [f"run-{m}" for m in models]
     assert summary["parent_run_id"] == "parent-1" and set(summary["models"]) == set(models)
 
 

@@ -11,8 +11,9 @@ import torch
 from network import needs_hub, needs_no_hub
 
 from pipeline_lib import modeling
+from pipeline_lib.architectures import family
 from pipeline_lib.config import LoraSettings, ModelSpec, QuantizationConfig
-from pipeline_lib.tiny import directory_fingerprint
+from pipeline_lib.files import directory_fingerprint
 
 ARCHS = ("llama", "bloom", "falcon")
 Q4 = QuantizationConfig()
@@ -108,7 +109,7 @@ def test_falcon_fix_gives_the_same_fp32_outputs(tiny):
 
     path = str(tiny["falcon"])
     plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with modeling.falcon_linear_as_nn_linear():
+    with family("falcon").loading_patch():
         fixed = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     assert modeling_falcon.FalconLinear is not torch.nn.Linear  # restored
     assert type(plain.transformer.h[0].mlp.dense_h_to_4h) is modeling_falcon.FalconLinear
@@ -333,7 +334,7 @@ def _bf16_gap(base: Path, adapter_dir: Path, tok) -> tuple[float, float]:
     out = []
     for q in (BF16, FP32):
         model = PeftModel.from_pretrained(modeling.load_model(base, q), str(adapter_dir)).eval()
-        out.append(modeling._token_logprobs(model, tok, TEXTS, 256, "cpu"))
+        out.append(modeling.token_logprobs(model, tok, TEXTS, 256, "cpu"))
     diffs = [(a - b).abs() for (a, _), (b, _) in zip(*out, strict=True)]
     return max(float(d.max()) for d in diffs), float(torch.cat([d.flatten() for d in diffs]).mean())
 
@@ -364,8 +365,8 @@ def test_merged_model_matches_the_unmerged_one(tiny, trained, tmp_path, arch):
     assert same["top1_agreement"] >= 0.9
 
     # the adapter did move the outputs: the base alone is further away than the merge error
-    base = modeling._token_logprobs(modeling.load_model(tiny[arch], BF16), tok, TEXTS, 256, "cpu")
-    mer = modeling._token_logprobs(merged.to(torch.bfloat16).eval(), tok, TEXTS, 256, "cpu")
+    base = modeling.token_logprobs(modeling.load_model(tiny[arch], BF16), tok, TEXTS, 256, "cpu")
+    mer = modeling.token_logprobs(merged.to(torch.bfloat16).eval(), tok, TEXTS, 256, "cpu")
     moved = max(float((a - b).abs().max()) for (a, _), (b, _) in zip(base, mer, strict=True))
     assert moved > 3 * same["max_abs_logprob_diff"]
 
@@ -378,18 +379,27 @@ def test_merged_model_matches_the_unmerged_one(tiny, trained, tmp_path, arch):
 def test_merge_stage_merges_checks_and_serves(tiny, trained, tmp_path):
     """The stage the flow runs: merge, fidelity against the trained (4-bit) model, a merge record on disk; the
     merged directory then answers questions through the logged model class, with the training template."""
+    import fakes
     import pandas as pd
 
-    from pipeline_lib.merge import merge_stage
+    from pipeline_lib.merge import MergeJob, merge_stage
     from pipeline_lib.serving import QABotModel
 
     adapter_dir, _ = trained["bloom"]
     out = tmp_path / "merged-bloom"
-    res = merge_stage(str(tiny["bloom"]), str(adapter_dir), str(out), Q4.model_dump(), device="cpu")
-    assert res["merged_dir"] == str(out) and res["fingerprint"] == directory_fingerprint(out)
-    assert res["fidelity"]["reference"] == "4-bit base + adapter" and res["fidelity"]["tokens"] > 0
-    assert res["registered"] is None  # no tracking: nothing registered
-    assert json.loads((tmp_path / "merged-bloom.merge.json").read_text()) == json.loads(json.dumps(res))
+    model = fakes.resolved("bloom").model_copy(update={"path": str(tiny["bloom"]), "arch": "bloom"})
+    job = MergeJob(
+        model=model,
+        trained=fakes.trained("bloom", str(adapter_dir)),
+        quantization=Q4,
+        device="cpu",
+        out_dir=str(out),
+    )
+    res = merge_stage(job)
+    assert res.merged_dir == str(out) and res.fingerprint == directory_fingerprint(out)
+    assert res.fidelity["reference"] == "4-bit base + adapter" and res.fidelity["tokens"] > 0
+    assert res.registered is None  # no tracking: nothing registered
+    assert json.loads((tmp_path / "merged-bloom.merge.json").read_text()) == res.to_json()
 
     served = QABotModel()
     served.load_context(type("Ctx", (), {"artifacts": {"model_dir": str(out)}})())
@@ -469,6 +479,9 @@ def test_unreachable_hub_uses_a_cached_snapshot(tmp_path, monkeypatch, tiny):
 
 def test_weight_patterns_prefer_safetensors():
     both = ["config.json", "model.safetensors", "pytorch_model.bin"]
-    assert modeling._weight_patterns(both) == modeling._SAFETENSORS_PATTERNS
-    assert modeling._weight_patterns(["pytorch_model-00001-of-00002.bin"]) == modeling._BIN_PATTERNS
-    assert modeling._weight_patterns(["config.json", "README.md"]) == []
+    assert modeling.resolve._weight_patterns(both) == modeling.resolve._SAFETENSORS_PATTERNS
+    assert (
+        modeling.resolve._weight_patterns(["pytorch_model-00001-of-00002.bin"])
+        == modeling.resolve._BIN_PATTERNS
+    )
+    assert modeling.resolve._weight_patterns(["config.json", "README.md"]) == []

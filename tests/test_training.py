@@ -6,31 +6,24 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
+import jobs
 import pytest
 from recorders import StepRecorder
 
 from pipeline_lib import data as data_lib
-from pipeline_lib import isolation, jobs, modeling, tokenization
-from pipeline_lib.config import (
-    DataConfig,
-    LoraSettings,
-    ModelSpec,
-    QuantizationConfig,
-    TrainingSettings,
-    load_config,
-)
+from pipeline_lib import isolation, modeling, tokenization
+from pipeline_lib.config import DataConfig, QuantizationConfig, load_config
+from pipeline_lib.devices import GIB
 from pipeline_lib.training import (
     BUDGET_HEADROOM,
-    GIB,
     MemoryPlan,
     TrainJob,
     estimate_peak_gib,
     halve,
     plan_memory,
-    run_training,
+    train_stage,
 )
 
 ARCHS = ("llama", "bloom", "falcon")
@@ -62,54 +55,34 @@ def prepared(work) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tokenized(tiny_models, prepared, work) -> dict[str, dict]:
+def tokenized(tiny_models, prepared, work) -> dict:
     return {
-        arch: tokenization.tokenize_prepared(prepared, tiny_models[arch], MAX_LENGTH, work / f"tok-{arch}")
-        for arch in ARCHS
+        arch: jobs.tokenized(prepared, tiny_models[arch], MAX_LENGTH, work / f"tok-{arch}") for arch in ARCHS
     }
 
 
-def _job(arch: str, models, tokenized, out_dir: Path, uri: str, experiment: str, **overrides) -> TrainJob:
-    """The job the flow's train task builds (`jobs.train_job`), with `overrides` applied."""
-    path = Path(models[arch])
-    spec = ModelSpec(
-        name=overrides.pop("name", f"{arch}-tiny"),
-        base_model=f"tiny:{arch}",
-        epochs=overrides.pop("epochs", 1),
+def _job(
+    arch: str, models, tokenized, out_dir: Path, uri: str | None, experiment: str, **overrides
+) -> TrainJob:
+    """The job the flow's train task builds, with `overrides` (see tests/jobs.py)."""
+    training = {"save_steps": SAVE_STEPS, **overrides.pop("training", {})}
+    return jobs.train_job(
+        arch,
+        models[arch],
+        tokenized[arch],
+        out_dir,
+        uri=uri,
+        experiment=experiment,
         batch_size=BATCH,
         max_length=MAX_LENGTH,
-        learning_rate=5e-3,
+        training=training,
+        **overrides,
     )
-    settings = {
-        "warmup_ratio": 0.1,
-        "logging_steps": 1,
-        "save_steps": SAVE_STEPS,
-        **overrides.pop("training", {}),
-    }
-    config = {
-        "training": TrainingSettings(**settings).model_dump(mode="json"),
-        "lora": LoraSettings(r=8, alpha=16, dropout=0.0).model_dump(mode="json"),
-        "quantization": QuantizationConfig().model_dump(mode="json"),
-        "device": "cpu",
-        "system_metrics": False,
-        "system_metrics_interval_s": 1.0,
-    }
-    model = {
-        "path": str(path),
-        "revision": None,
-        "fingerprint": json.loads((path / "qabot_tiny.json").read_text())["fingerprint"],
-        "arch": arch,
-    }
-    payload = jobs.train_job(
-        model,
-        tokenized[arch],
-        spec,
-        config,
-        overrides.pop("parent_run_id", None),
-        {"uri": uri, "experiment": experiment},
-        out_dir,
-    )
-    return TrainJob(**{**payload, **overrides})
+
+
+def run_training(job: TrainJob, callbacks: list | None = None) -> dict:
+    """The stage, its result as the JSON the flow passes on."""
+    return train_stage(job, callbacks).to_json()
 
 
 def _client(uri: str):
@@ -138,11 +111,11 @@ def trained(tiny_models, tokenized, work, uri) -> dict[str, dict]:
     """One uninterrupted training per architecture, under one parent run (the reference for the other tests)."""
     from pipeline_lib.tracking import MlflowTracker, TrackingTarget
 
-    parent = MlflowTracker(TrackingTarget(uri, "plain")).start_run("parent")
+    parent = MlflowTracker(TrackingTarget(uri=uri, experiment="plain")).start_run("parent")
     out = {}
     extra = {
         "llama": {"system_metrics": True, "system_metrics_interval_s": 0.5},
-        "bloom": {"token_stats": {}},  # read from the tokenized split's directory instead
+        "bloom": {},
         "falcon": {},
     }
     for arch in ARCHS:
@@ -195,7 +168,7 @@ def test_qlora_training_learns_and_logs_everything(arch, trained, tokenized, uri
     assert params["lora.r"] == "8" and params["base_model"] == f"tiny:{arch}"
     assert params["per_device_train_batch_size"] == str(BATCH)  # the Trainer's own parameters too
     # Tokenized length statistics of the training split.
-    stats = tokenized[arch]["train"]
+    stats = tokenized[arch].train.model_dump()
     assert metrics["tokens.mean"] == pytest.approx(stats["length_stats"]["mean"])
     assert metrics["tokens.p99"] == pytest.approx(stats["length_stats"]["p99"])
     assert metrics["tokens.truncated"] == stats["n_truncated"]
@@ -203,17 +176,17 @@ def test_qlora_training_learns_and_logs_everything(arch, trained, tokenized, uri
     assert metrics["tokens.rows"] == TRAIN_ROWS - stats["n_dropped"]
     arts = {a.path for a in client.list_artifacts(res["run_id"])}
     assert {"adapter", "preflight.json", "log_history.json"} <= arts
-    if trained[arch]["job"].system_metrics:
+    if trained[arch]["job"].tracking.system_metrics:
         assert any(k.startswith("system/") for k in metrics), sorted(metrics)
 
 
 # ---- 2. out-of-memory halving --------------------------------------------------------------------------------
 
 
-def _train_rows(tokenized_split: dict) -> Counter:
+def _train_rows(tokenized_split) -> Counter:
     from datasets import load_from_disk
 
-    return Counter(tuple(r) for r in load_from_disk(tokenized_split["path"])["input_ids"])
+    return Counter(tuple(r) for r in load_from_disk(tokenized_split.path)["input_ids"])
 
 
 def test_out_of_memory_halves_micro_batch_and_goes_on(monkeypatch, tiny_models, tokenized, work, uri):
@@ -244,7 +217,7 @@ def test_out_of_memory_halves_micro_batch_and_goes_on(monkeypatch, tiny_models, 
     steps = rec.final()
     assert sorted(steps) == list(range(total))
     assert all(len(rows) == BATCH for rows in steps.values())
-    all_rows = _train_rows(tokenized["llama"]["train"])
+    all_rows = _train_rows(tokenized["llama"].train)
     for e in range(epochs):
         assert Counter(r for k in range(e * STEPS, (e + 1) * STEPS) for r in steps[k]) == all_rows, (
             f"epoch {e}"
@@ -285,7 +258,7 @@ def test_eval_loss_is_the_token_mean_over_the_split_at_any_batch_size(arch, tiny
     from pipeline_lib.evaluation import score_dataset
 
     model = modeling.load_model(tiny_models[arch], QuantizationConfig(), "cpu")
-    split = load_from_disk(tokenized[arch]["eval"]["path"])
+    split = load_from_disk(tokenized[arch].eval.path)
     nll, count = 0.0, 0
     import torch
 
@@ -310,9 +283,9 @@ def test_eval_loss_is_the_token_mean_over_the_split_at_any_batch_size(arch, tiny
 def _eval_outputs(tokenized, arch) -> list[str]:
     from datasets import load_from_disk
 
-    kept = load_from_disk(tokenized[arch]["eval"]["path"])
-    assert tokenized[arch]["eval"]["n_dropped"] == 0 and len(kept) == EVAL_ROWS
-    source = tokenized[arch]["eval"]["source"]
+    kept = load_from_disk(tokenized[arch].eval.path)
+    assert tokenized[arch].eval.n_dropped == 0 and len(kept) == EVAL_ROWS
+    source = tokenized[arch].eval.source
     return [json.loads(line)["output"] for line in Path(source).read_text(encoding="utf-8").splitlines()]
 
 
@@ -324,10 +297,10 @@ def test_killed_training_resumes_same_run_from_checkpoint(
 ):
     kill_after = SAVE_STEPS + 2
     out_dir = work / "run-resume"
-    job = asdict(_job("llama", tiny_models, tokenized, out_dir, uri, "resume", name="llama-resume"))
+    job = _job("llama", tiny_models, tokenized, out_dir, uri, "resume", name="llama-resume")
     monkeypatch.setenv("QABOT_KILL_AFTER_STEP", str(kill_after))
     with pytest.raises(isolation.StageError) as info:
-        isolation.call("pipeline_lib.training:train_stage", {"job": job}, label="train llama-resume")
+        isolation.call(train_stage, job, label="train llama-resume")
     message = str(info.value)
     assert "\n" not in message and message.startswith("train llama-resume:") and "137" in message
 
@@ -339,7 +312,7 @@ def test_killed_training_resumes_same_run_from_checkpoint(
     assert (out_dir / "checkpoints" / f"checkpoint-{SAVE_STEPS}").is_dir()
 
     monkeypatch.delenv("QABOT_KILL_AFTER_STEP")
-    res = isolation.call("pipeline_lib.training:train_stage", {"job": job}, label="train llama-resume")
+    res = isolation.call(train_stage, job, label="train llama-resume").to_json()
     assert res["run_id"] == run_id and res["resumed"] and res["resumed_from_step"] == SAVE_STEPS
     assert res["metrics"]["steps_run"] == STEPS - SAVE_STEPS  # went on from the checkpoint, not from step 0
     assert res["metrics"]["steps"] == trained["llama"]["result"]["metrics"]["steps"] == STEPS
@@ -358,24 +331,16 @@ def test_killed_training_resumes_same_run_from_checkpoint(
     assert [h["step"] for h in history if "loss" in h] == list(range(1, STEPS + 1))
 
     # A rerun of a finished training returns the stored result without training again.
-    again = isolation.call("pipeline_lib.training:train_stage", {"job": job}, isolate=False)
-    assert again == json.loads((out_dir / "train_result.json").read_text())
+    again = isolation.call(train_stage, job, isolate=False)
+    assert again.to_json() == json.loads((out_dir / "train_result.json").read_text())
     assert _steps(uri, run_id, "loss") == list(range(1, STEPS + 1))
 
 
 def test_error_in_isolated_training_is_one_line_stage_error(tiny_models, tokenized, work, uri):
-    job = _job(
-        "falcon",
-        tiny_models,
-        tokenized,
-        work / "run-broken",
-        uri,
-        "broken",
-        name="broken",
-        base_path=str(work / "no-such-model"),
-    )
+    job = _job("falcon", tiny_models, tokenized, work / "run-broken", uri, "broken", name="broken")
+    job = job.model_copy(update={"model": job.model.model_copy(update={"path": str(work / "no-such-model")})})
     with pytest.raises(isolation.StageError) as info:
-        isolation.call("pipeline_lib.training:train_stage", {"job": asdict(job)}, label="train broken")
+        isolation.call(train_stage, job, label="train broken")
     message = str(info.value)
     assert message.startswith("train broken: ") and "\n" not in message and "no-such-model" in message
     (run,) = _runs(uri, "broken")

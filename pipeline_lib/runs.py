@@ -1,0 +1,83 @@
+"""The parent run of a flow run: one MLflow run per fine-tune-and-compare run, holding its configuration,
+the data audit and (from `compare.compare_stage`) the comparison; each model's run is its child."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline_lib.config import RunConfig
+from pipeline_lib.data import audit_table
+from pipeline_lib.files import fingerprint
+from pipeline_lib.tracking import TrackingTarget, make_tracker
+
+
+def start_parent_run(config: RunConfig, tracking: TrackingTarget, flow_run_id: str | None) -> str | None:
+    """A new parent run with the config (params, tags and `config.json`); None when nothing is tracked."""
+    if not tracking.enabled:
+        return None
+    tracker = make_tracker(tracking)
+    run_id = tracker.start_run(
+        config.name,
+        tags={
+            "qabot.profile": config.profile,
+            "qabot.flow_run_id": flow_run_id,
+            "qabot.config_fingerprint": fingerprint(config),
+        },
+    )
+    tracker.log_params(
+        run_id,
+        {
+            "models": [m.name for m in config.models],
+            "profile": config.profile,
+            "device": config.device,
+            "data.source": config.data.source,
+            "data.revision": config.data.revision,
+        },
+    )
+    tracker.log_dict(run_id, config.model_dump(mode="json"), "config.json")
+    return run_id
+
+
+def run_url(tracking: TrackingTarget, run_id: str | None) -> str | None:
+    return make_tracker(tracking).run_url(run_id) if run_id and tracking.enabled else None
+
+
+def log_data(
+    tracking: TrackingTarget, run_id: str | None, prepared: dict[str, Any], acquired: dict[str, Any]
+) -> None:
+    """The data's identity (fingerprint, source hash, rows in and out) and its cleaning audit."""
+    if not run_id or not tracking.enabled:
+        return
+    tracker = make_tracker(tracking)
+    audit_path = Path(prepared["audit_path"])
+    audit = json.loads(audit_path.read_text(encoding="utf-8"))
+    tracker.log_params(
+        run_id,
+        {
+            "dataset_fingerprint": prepared["fingerprint"],
+            "dataset_sha256": acquired["sha256"],
+            "rows_in": audit["rows_in"],
+            "rows_out": audit["rows_out"],
+        },
+    )
+    tracker.log_artifact(run_id, audit_path, "data")
+    tracker.log_table(run_id, audit_table(audit), "data/audit_table.json")
+
+
+def finish_parent_run(
+    tracking: TrackingTarget, run_id: str | None, status: str, summary: dict[str, Any] | None = None
+) -> None:
+    if not run_id or not tracking.enabled:
+        return
+    tracker = make_tracker(tracking)
+    if summary:
+        tracker.log_dict(run_id, summary, "summary.json")
+    tracker.end_run(run_id, status)
+
+
+def find_parent_run(tracking_uri: str, flow_run_id: str) -> tuple[str, str | None] | None:
+    """(run id, URL) of the parent run a flow run started (tagged `qabot.flow_run_id`), in any experiment."""
+    tracker = make_tracker(TrackingTarget(uri=tracking_uri, experiment="Default"))
+    return tracker.find_run({"qabot.flow_run_id": flow_run_id})
