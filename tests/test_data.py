@@ -86,6 +86,22 @@ def test_drop_rules_drop_their_defect(row):
     assert audit.count(row["rule"]) == 1 and audit.dropped == 1, _counts(audit)
 
 
+# the field each drop rule looks at, as the audit shows it
+DROP_FIELDS = {"empty_output": "output", "nooutput": "output", "na_output": "output",
+               "unclear_instruction": "instruction", "missing_input": "instruction",
+               "hallucination_bait": "input", "empty_code": "output"}  # fmt: skip
+
+
+def test_each_rule_declares_its_field_and_the_audit_shows_it():
+    assert {r.name: r.field for r in D.RULES if r.action == "drop"} == DROP_FIELDS
+    for row in _defects("drop"):
+        if row["rule"] not in DROP_FIELDS:
+            continue
+        _, audit = D.clean([_bare(row)])
+        ex = audit.rules[row["rule"]].examples[0]
+        assert ex["field"] == DROP_FIELDS[row["rule"]], row
+
+
 @pytest.mark.parametrize("row", _defects("repair"), ids=lambda r: f"{r['rule']}:{r['instruction'][:20]}")
 def test_repair_rules_repair_their_defect(row):
     out, audit = D.clean([_bare(row)])
