@@ -82,8 +82,9 @@ from pipeline_lib.data.rules import (  # noqa: F401
     _PLACEHOLDER_IN_TEXT,
     _PLACEHOLDER_INPUT,
     _PLACEHOLDER_ONLY,
+    _URL_CONTENT_TASK,
     _URL_ONLY,
-    _URL_TOPIC,
+    _URL_STRING_TASK,
 )
 
 __all__ = [

@@ -209,22 +209,90 @@ _PLACEHOLDER_IN_TEXT = re.compile(
     re.I,
 )
 _URL_ONLY = re.compile(r"(?:https?://|www\.)\S+", re.I)
-_URL_TOPIC = re.compile(
-    r"\b(?:urls?|links?|hyperlinks?|domains?|subdomains?|web\s*address(?:es)?|website\s+address(?:es)?|"
-    r"protocols?|https?|query\s+strings?|uris?|paths?)\b",
+_URL_WORD = (
+    r"(?:urls?|links?|hyperlinks?|uris?|web\s*address(?:es)?|website\s+address(?:es)?|(?:sub)?domains?)"
+)
+_URL_PART = (
+    r"(?:(?:sub)?domains?(?:\s+names?)?|host\s*names?|hosts?|paths?|(?:query|search)(?:\s+(?:strings?|"
+    r"parameters?|params?))?|(?:url\s+)?parameters?|params?|protocols?|schemes?|ports?(?:\s+numbers?)?|"
+    r"fragments?|anchors?|tlds?|top[\s-]+level\s+domains?|file\s*(?:names?|extensions?)|extensions?|slugs?|"
+    r"(?:base|root)\s+urls?|origins?)"
+)
+_URL_ASPECT = (
+    r"(?:format|structure|syntax|anatomy|components?|parts?|segments?|length|characters?|type|kind|"
+    r"scheme|protocol|domain|path|query|encoding)"
+)
+# The task is about the URL string itself: take it apart, check, shorten, encode, classify or format it.
+_URL_STRING_TASK = re.compile(
+    r"\b(?:extract|parse|get|find|identify|return|output|list|print|show|give|tell|name|split|separate|isolate|"
+    r"pull|strip|remove|replace|change|what(?:'s)?|which)\b[^.?!\n]{0,50}?\b" + _URL_PART + r"\b"
+    r"|\bvalidate\b|\b(?:verify|check|test|determine|tell|is|are)\b[^.?!\n]{0,40}?\b(?:valid|invalid|"
+    r"well[\s-]*formed|malformed|(?:correctly|properly)\s+formatted)\b"
+    r"|\b(?:shorten|short\s+(?:url|link)|encode|decode|url[\s-]*encode|percent[\s-]*encode|escape|unescape|"
+    r"normali[sz]e|canonicali[sz]e|sanitize|obfuscate|convert|reformat|format|hash|reverse|lowercase|uppercase|"
+    r"classify|categori[sz]e|sort|group|label|break|split|dissect|decompose|tokeni[sz]e)\b[^.?!\n]{0,40}?\b"
+    + _URL_WORD
+    + r"\b"
+    r"|\b"
+    + _URL_ASPECT
+    + r"\s+of\s+(?:(?:the|this|that|a|an|given|following|provided)\s+)*"
+    + _URL_WORD
+    + r"|\b"
+    + _URL_WORD
+    + r"(?:['\u2019]s)?\s+"
+    + _URL_ASPECT
+    + r"\b"
+    r"|\b(?:html|markdown|anchor|clickable|hyper)[\s-]*(?:links?|tags?|elements?)\b|<a\b|\bqr\s+codes?\b"
+    r"|\bregular\s+expressions?\b|\bregex",
+    re.I,
+)
+_CONTENT_VERB = (
+    r"(?:summari[sz]e|summary|summari[sz]ation|tl;?dr|describe|description|explain|review|critique|analy[sz]e|"
+    r"analysis|evaluate|assess|rate|read|watch|listen\s+to|translate|paraphrase|rewrite|comment\s+on|"
+    r"respond\s+to|reply\s+to|discuss|fact[\s-]*check|proofread|outline|recap|overview|synopsis|gist|"
+    r"takeaways?|key\s+(?:points|ideas|facts)|main\s+(?:points?|ideas?|arguments?|message|topic|theme|claims?))"
+)
+_CONTENT_NOUN = (
+    r"(?:articles?|(?:web\s*)?pages?|webpages?|posts?|blogs?|videos?|stor(?:y|ies)|papers?|contents?|podcasts?|"
+    r"episodes?|news|documents?|reports?|essays?|books?|recipes?|tweets?|threads?|products?|movies?|films?|"
+    r"songs?|images?|pictures?|photos?|websites?|sites?|text|lyrics|transcripts?|comments?|studies|study)"
+    r"(?!['\u2019]s\s+" + _URL_WORD + r"|\s+(?:address|" + _URL_WORD + r"))"
+)
+_LINK_OBJECT = (
+    r"(?:(?:the|this|that|given|following|provided|attached)\s+)?(?:links?|urls?|hyperlinks?|web\s*address)\b"
+    r"(?!['\u2019]s|\s+" + _URL_ASPECT + r"\b)"
+)
+# The task is about what the link points at: read, summarise, describe, review... the page, article, video.
+_URL_CONTENT_TASK = re.compile(
+    r"\b" + _CONTENT_VERB + r"\b[^.?!\n]{0,60}?\b" + _CONTENT_NOUN + r"\b"
+    r"|\b(?:summari[sz]e|review|critique|read|watch|listen\s+to|describe|explain|analy[sz]e|paraphrase|"
+    r"fact[\s-]*check|discuss|comment\s+on|respond\s+to|open|visit|click)\s+(?:me\s+)?"
+    + _LINK_OBJECT
+    + r"|\b"
+    + _CONTENT_NOUN
+    + r"\s+(?:(?:at|behind|in|on|from|under|found\s+at|located\s+at)\s+(?:the|this|"
+    r"that|given|following|provided)?\s*(?:links?|urls?|address|websites?|sites?)|linked\b)"
+    r"|\bwhat\s+(?:is|does|do|are)\s+(?:the|this|that|these)\s+(?:links?|urls?|websites?|sites?|pages?|"
+    r"articles?|videos?|posts?)\s+(?:about|say|says|discuss|show|contain|describe|mean)\b",
     re.I,
 )
 
 
+def _about_the_url_string(instruction: str) -> bool:
+    """The task is about the URL text itself (parse it, take out its domain, path or query, validate, shorten,
+    encode it, classify its format), not about the page, article or video it links to."""
+    return bool(_URL_STRING_TASK.search(instruction)) and not _URL_CONTENT_TASK.search(instruction)
+
+
 def drop_hallucination_bait(row: Row) -> bool:
-    """The input is only a URL (and the task is not about the URL itself) or a media placeholder such as
-    '<Picture Attached>' / '[Image]', or the instruction carries such a placeholder: the output can only be
-    invented."""
+    """The input is only a URL (and the task is not about the URL string itself, but, say, about the article
+    behind it) or a media placeholder such as '<Picture Attached>' / '[Image]', or the instruction carries such
+    a placeholder: the output can only be invented."""
     inp = row["input"].strip()
     if inp and len(inp) < 300:
         if _PLACEHOLDER_INPUT.fullmatch(inp):
             return True
-        if _URL_ONLY.fullmatch(inp) and not _URL_TOPIC.search(row["instruction"]):
+        if _URL_ONLY.fullmatch(inp) and not _about_the_url_string(row["instruction"]):
             return True
     return bool(
         ("<" in row["instruction"] and _PLACEHOLDER_IN_TEXT.search(row["instruction"]))
