@@ -4,7 +4,9 @@ Stages, each a plain function, each in a module of its own:
 
 - `sources`: `acquire(source, dest_dir)` fetches a local file, a shipped `builtin:NAME`, an http(s) URL or a
   Hugging Face dataset into `dest_dir/<sha256[:16]>/raw.<ext>` (content-addressed, so a repeated acquire
-  copies nothing), returning an `Acquired`; every problem is a one-line `DataError`;
+  copies nothing), returning an `Acquired`; every problem is a one-line `DataError`; `redact_url` hides the
+  secrets of a source URL in whatever is recorded or shown;
+- `download`: one http(s) download within a size cap and a deadline, redirected only to public addresses;
 - `loading`: `load_rows(path)` reads a JSON array or JSON Lines file (or Parquet); whole-file problems raise
   `DataError`; `validate_row` checks one row;
 - `rules`: the cleaning rules (`RULES`), each a small named function with its switch and field;
@@ -59,11 +61,14 @@ from pipeline_lib.data.sources import (
     DATA_SUFFIXES,
     HF_PREFIX,
     Acquired,
+    CreatedPaths,
     DataError,
     SourceKind,
     acquire,
     pick_data_files,
+    redact_url,
     source_kind,
+    unsupported_scheme,
 )
 
 # isort: split
@@ -99,6 +104,7 @@ __all__ = [
     "SAMPLED_OUT",
     "Acquired",
     "Audit",
+    "CreatedPaths",
     "DataError",
     "PreparedData",
     "Row",
@@ -120,6 +126,7 @@ __all__ = [
     "load_rows",
     "pick_data_files",
     "prepare",
+    "redact_url",
     "repair_control_chars",
     "repair_empty_input",
     "repair_merged_instruction",
@@ -127,5 +134,6 @@ __all__ = [
     "sample_rows",
     "source_kind",
     "split",
+    "unsupported_scheme",
     "validate_row",
 ]

@@ -22,7 +22,7 @@ from pipeline_lib.config import CleaningConfig, DataConfig
 from pipeline_lib.data.audit import Audit
 from pipeline_lib.data.loading import FIELDS, Row, _write_bytes, _write_jsonl, load_rows, validate_row
 from pipeline_lib.data.rules import DUPLICATE, INVALID_ROW, NEAR_DUPLICATE, RULES, SAMPLED_OUT, _norm
-from pipeline_lib.data.sources import Acquired, DataError, acquire
+from pipeline_lib.data.sources import Acquired, DataError, acquire, redact_url
 
 
 def _changed_field(before: Row, after: Row) -> str:
@@ -199,16 +199,17 @@ def clean_acquired(
 ) -> PreparedData:
     """Load, clean, sample, split and write an acquired file into `out_dir` (see `prepare`)."""
     acq = acquired if isinstance(acquired, Acquired) else Acquired.from_dict(acquired)
+    source = redact_url(acq.source)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    raw = load_rows(acq.path, name=acq.source)
+    raw = load_rows(acq.path, name=source)
     rows, audit = clean(raw, cfg.cleaning)
     del raw
     if cfg.max_rows is not None:
         rows = sample_rows(rows, cfg.max_rows, cfg.seed, audit)
     if len(rows) < 2:
         raise DataError(
-            acq.source, f"only {len(rows)} usable row(s) left after cleaning {audit.rows_in}; need at least 2"
+            source, f"only {len(rows)} usable row(s) left after cleaning {audit.rows_in}; need at least 2"
         )
     train, ev = split(rows, cfg.eval_fraction, cfg.seed)
     paths = {k: out / f"{k}.jsonl" for k in ("clean", "train", "eval")}
@@ -220,7 +221,7 @@ def clean_acquired(
     fp = h.hexdigest()[:16]
     report = {
         **audit.to_dict(),
-        "source": acq.source,
+        "source": source,
         "source_sha256": acq.sha256,
         "revision": acq.revision,
         "fingerprint": fp,
@@ -236,7 +237,7 @@ def clean_acquired(
         eval_path=str(paths["eval"]),
         audit_path=str(audit_path),
         fingerprint=fp,
-        source=acq.source,
+        source=source,
         source_sha256=acq.sha256,
         revision=acq.revision,
         rows_in=audit.rows_in,
@@ -252,12 +253,15 @@ def prepare(
     """Acquire `source` (into `cache_dir`, default `out_dir/raw`), then load, validate, clean, optionally sample
     `cfg.max_rows`, split, and write `out_dir/clean.jsonl`, `train.jsonl`, `eval.jsonl` and `audit.json`.
 
-    Raises `DataError` (one line naming the source and the problem) when the data cannot be used."""
+    Raises `DataError` (one line naming the source, its secrets redacted, and the problem) when the data cannot
+    be used."""
     out = Path(out_dir)
     acquired = acquire(
         source,
         Path(cache_dir) if cache_dir is not None else out / "raw",
         revision=cfg.revision,
         sha256=cfg.sha256,
+        max_mb=cfg.max_download_mb,
+        deadline_s=cfg.download_timeout_s,
     )
     return clean_acquired(acquired, out, cfg)

@@ -3,10 +3,17 @@
 `acquire(source, dest_dir)` fetches a local file, a shipped `builtin:NAME`, an http(s) URL or a Hugging Face
 dataset into `dest_dir/<sha256[:16]>/raw.<ext>` (content-addressed, so a repeated acquire copies nothing) and
 returns an `Acquired` record. Every problem is a `DataError`: one line naming the source and the problem.
+Only those schemes are accepted (`source_kind`); http(s) downloads are bounded in size, time and where they
+may be redirected (download.py).
+
+A source URL may carry secrets (a signed URL's signature, a token, user:password@): `redact_url` replaces
+them with REDACTED, and everything recorded or shown (`Acquired.source`, errors, the audit) uses it; the real
+URL is only handed to the download itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,16 +21,72 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline_lib.config import DataConfig
 from pipeline_lib.netutil import call_with_deadline
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 BUILTIN_PREFIX = "builtin:"
 HF_PREFIX = "hf://"
 _HF_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+SUPPORTED_SOURCES = "a local file path, an http(s):// URL, builtin:NAME or a Hugging Face dataset id"
+DEFAULT_MAX_DOWNLOAD_MB: float = DataConfig.model_fields["max_download_mb"].default
+DEFAULT_DOWNLOAD_DEADLINE_S: float = DataConfig.model_fields["download_timeout_s"].default
+MB = 1 << 20
+
+
+# ------------------------------------------------------------------------------------------------ redaction
+
+# RFC 3986, appendix B: scheme, //authority, path, ?query, #fragment (every string matches)
+_URL_PARTS = re.compile(r"(?:([^:/?#]+):)?(?://([^/?#]*))?([^?#]*)(?:\?([^#]*))?(?:#(.*))?\Z", re.S)
+_SECRET_NAME = re.compile(
+    r"(?:^|[_.-])(?:token|signature|sig|secret|password|passwd|pwd|pass|credentials?|key|apikey|auth|"
+    r"authorization|session|sessionid|jwt|bearer|hmac|sas)(?:$|[_.-])",
+    re.I,
+)
+REDACTED = "REDACTED"
+
+
+def _secret_param(name: str) -> bool:
+    from urllib.parse import unquote_plus
+
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", unquote_plus(name))  # accessToken -> access_Token
+    return bool(_SECRET_NAME.search(name))
+
+
+def _redact_params(params: str) -> str:
+    parts = re.split(r"([&;])", params)
+    for i in range(0, len(parts), 2):
+        name, eq, value = parts[i].partition("=")
+        if eq and value and _secret_param(name):
+            parts[i] = f"{name}={REDACTED}"
+    return "".join(parts)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its secrets replaced by REDACTED: credentials in the netloc (`user:password@`) and the values
+    of sensitive query (or fragment) parameters: signatures, tokens, keys, passwords, credentials
+    (`X-Amz-Signature`, `X-Amz-Credential`, `X-Amz-Security-Token`, `sig`, `token`, `key`, `password`, ...).
+    Everything else is kept as written, so the file can still be told apart. A string with no netloc, query
+    or fragment (a local path, `builtin:NAME`, a Hugging Face id) comes back unchanged."""
+    if not isinstance(url, str) or not any(c in url for c in "@?#"):
+        return url
+    scheme, netloc, path, query, fragment = _URL_PARTS.match(url).groups()
+    out = f"{scheme}:" if scheme is not None else ""
+    if netloc is not None:
+        if "@" in netloc:
+            netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
+        out += f"//{netloc}"
+    out += path
+    if query is not None:
+        out += "?" + _redact_params(query)
+    if fragment is not None:
+        out += "#" + (_redact_params(fragment) if "=" in fragment else fragment)
+    return out
 
 
 class DataError(Exception):
@@ -63,23 +126,65 @@ class Acquired:
         return cls(Path(d["path"]), d["sha256"], d["source"], d.get("revision"))
 
 
-SourceKind = Literal["builtin", "url", "hf", "file"]
+SourceKind = Literal["builtin", "url", "hf", "file", "unsupported"]
 
 
 def source_kind(source: str) -> SourceKind:
-    """Which kind of source a `DataConfig.source` string names."""
+    """Which kind of source a `DataConfig.source` string names; "unsupported" for any other `scheme://`
+    (ftp://, file://, s3://, ...), which `acquire` refuses (`unsupported_scheme` says why)."""
     if source.startswith(BUILTIN_PREFIX):
         return "builtin"
-    if re.match(r"(?i)https?://", source):
-        return "url"
-    if source.startswith(HF_PREFIX):
-        return "hf"
+    m = _SCHEME.match(source)
+    if m:
+        scheme = m.group(1).lower()
+        if scheme in ("http", "https"):
+            return "url"
+        return "hf" if scheme == "hf" else "unsupported"
     p = Path(source).expanduser()
     if p.exists():
         return "file"
     if _HF_ID.fullmatch(source) and p.suffix.lower() not in (*DATA_SUFFIXES, ".csv", ".txt", ".gz"):
         return "hf"
     return "file"
+
+
+def unsupported_scheme(source: str) -> str | None:
+    """The problem with `source`'s scheme (one line), or None when it is one `acquire` supports."""
+    if source_kind(source) != "unsupported":
+        return None
+    scheme = _SCHEME.match(source).group(1)
+    return f"unsupported scheme {scheme + '://'!r} (use {SUPPORTED_SOURCES})"
+
+
+@dataclass
+class CreatedPaths:
+    """What one `acquire` (and `prepare`) call created, so that a failed call can take it away again and
+    leave whatever was there before it untouched."""
+
+    files: list[Path] = field(default_factory=list)
+    dirs: list[Path] = field(default_factory=list)  # removed only when empty
+    trees: list[Path] = field(default_factory=list)  # made by this call: removed with all they hold
+
+    def mkdirs(self, path: Path) -> None:
+        """`path.mkdir(parents=True, exist_ok=True)`, noting each directory it made."""
+        missing = []
+        p = Path(path)
+        while not p.exists() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.dirs.extend(reversed(missing))
+
+    def remove(self) -> None:
+        """Delete the files and trees, then the directories that are empty, newest first; never raises."""
+        for f in reversed(self.files):
+            with contextlib.suppress(OSError):
+                f.unlink()
+        for t in reversed(self.trees):
+            shutil.rmtree(t, ignore_errors=True)
+        for d in reversed(self.dirs):
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def acquire(
@@ -89,26 +194,38 @@ def acquire(
     revision: str | None = None,
     sha256: str | None = None,
     timeout: float = 30,
+    max_mb: float | None = None,
+    deadline_s: float | None = None,
+    created: CreatedPaths | None = None,
 ) -> Acquired:
     """Fetch `source` into `dest_dir/<sha256[:16]>/raw.<ext>` and return where it is and its content hash.
 
     `source`: a local JSON/JSONL/Parquet file, `builtin:NAME` (shipped in pipeline_lib/assets), an http(s)
-    URL, or a Hugging Face dataset id (`owner/name` or `hf://owner/name`, at `revision`). `sha256`, when given,
-    must match the fetched file's hash. Network waits are bounded by `timeout` seconds; failures raise
-    `DataError` (with `transient=True` where a retry may help)."""
+    URL, or a Hugging Face dataset id (`owner/name` or `hf://owner/name`, at `revision`); any other scheme is
+    refused. `sha256`, when given, must match the fetched file's hash. Each network wait is bounded by
+    `timeout` seconds, a whole http(s) download by `deadline_s` (default `DataConfig.download_timeout_s`), and
+    a download or Hub file may not exceed `max_mb` MB (default `DataConfig.max_download_mb`). Failures raise
+    `DataError` naming the source with its secrets redacted (`transient=True` where a retry may help).
+    `created`, when given, is told every file and directory this call made."""
     dest_dir = Path(dest_dir)
+    made = created if created is not None else CreatedPaths()
+    shown = redact_url(source)
     expected = sha256.lower() if sha256 else None
+    max_bytes = round((max_mb if max_mb is not None else DEFAULT_MAX_DOWNLOAD_MB) * MB)
+    deadline = deadline_s if deadline_s is not None else DEFAULT_DOWNLOAD_DEADLINE_S
     kind = source_kind(source)
+    if kind == "unsupported":
+        raise DataError(shown, unsupported_scheme(source) or "unsupported scheme")
     if kind == "builtin":
-        got = _acquire_builtin(source, dest_dir)
+        got = _acquire_builtin(source, dest_dir, made)
     elif kind == "url":
-        got = _acquire_url(source, dest_dir, expected, timeout)
+        got = _acquire_url(source, dest_dir, expected, timeout, deadline, max_bytes, made)
     elif kind == "hf":
-        got = _acquire_hf(source, dest_dir, revision, timeout)
+        got = _acquire_hf(source, dest_dir, revision, timeout, max_bytes, made)
     else:
-        got = _acquire_file(source, dest_dir)
+        got = _acquire_file(source, dest_dir, made)
     if expected and got.sha256 != expected:
-        raise DataError(source, f"sha256 mismatch: expected {expected}, got {got.sha256}")
+        raise DataError(shown, f"sha256 mismatch: expected {expected}, got {got.sha256}")
     return got
 
 
@@ -132,21 +249,27 @@ def _sniff_ext(name: str, path: Path) -> str:
     return ".jsonl" if first == b"{" else ".json"
 
 
-def _store(src: Path, digest: str, ext: str, dest_dir: Path, *, move: bool) -> Path:
-    """Put `src` at `dest_dir/<digest[:16]>/raw<ext>` unless it is there already."""
+def _store(src: Path, digest: str, ext: str, dest_dir: Path, made: CreatedPaths, *, move: bool) -> Path:
+    """Put `src` at `dest_dir/<digest[:16]>/raw<ext>` unless it is there already (under a unique temporary
+    name first, so concurrent calls never see a half-written file)."""
     target = dest_dir / digest[:16] / f"raw{ext}"
     if target.is_file() and target.stat().st_size == src.stat().st_size:
         if move:
             src.unlink(missing_ok=True)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    made.mkdirs(target.parent)
     if move:
         os.replace(src, target)
     else:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".copy-")
         os.close(fd)
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, target)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    made.files.append(target)
     return target
 
 
@@ -158,18 +281,19 @@ def _stored(dest_dir: Path, sha256: str) -> Path | None:
     return None
 
 
-def _acquire_file(source: str, dest_dir: Path) -> Acquired:
-    path = Path(source.removeprefix("file://")).expanduser()
+def _acquire_file(source: str, dest_dir: Path, made: CreatedPaths) -> Acquired:
+    path = Path(source).expanduser()
+    shown = redact_url(source)
     if not path.exists():
-        raise DataError(source, "file not found")
+        raise DataError(shown, "file not found")
     if not path.is_file():
-        raise DataError(source, "not a file")
+        raise DataError(shown, "not a file")
     digest = _sha256_file(path)
-    target = _store(path, digest, _sniff_ext(path.name, path), dest_dir, move=False)
-    return Acquired(target, digest, source)
+    target = _store(path, digest, _sniff_ext(path.name, path), dest_dir, made, move=False)
+    return Acquired(target, digest, shown)
 
 
-def _acquire_builtin(source: str, dest_dir: Path) -> Acquired:
+def _acquire_builtin(source: str, dest_dir: Path, made: CreatedPaths) -> Acquired:
     from importlib import resources
 
     name = source.removeprefix(BUILTIN_PREFIX)
@@ -181,49 +305,37 @@ def _acquire_builtin(source: str, dest_dir: Path) -> Acquired:
         raise DataError(source, f"no such built-in data set (available: {', '.join(available) or 'none'})")
     with resources.as_file(assets.joinpath(name)) as path:
         digest = _sha256_file(path)
-        target = _store(path, digest, _sniff_ext(name, path), dest_dir, move=False)
+        target = _store(path, digest, _sniff_ext(name, path), dest_dir, made, move=False)
     return Acquired(target, digest, source)
 
 
-def _acquire_url(url: str, dest_dir: Path, expected: str | None, timeout: float) -> Acquired:
-    import urllib.error
-    import urllib.parse
-    import urllib.request
+def _acquire_url(
+    url: str,
+    dest_dir: Path,
+    expected: str | None,
+    timeout: float,
+    deadline: float,
+    max_bytes: int,
+    made: CreatedPaths,
+) -> Acquired:
+    from pipeline_lib.data.download import download
 
+    shown = redact_url(url)
     if expected and (hit := _stored(dest_dir, expected)) is not None:
-        return Acquired(hit, expected, url)
-    req = urllib.request.Request(url, headers={"User-Agent": "qabot"})
-    try:
-        resp = call_with_deadline(lambda: urllib.request.urlopen(req, timeout=timeout), timeout + 5)
-    except urllib.error.HTTPError as err:
-        raise DataError(
-            url, f"HTTP {err.code} {err.reason}", transient=err.code >= 500 or err.code == 429
-        ) from None
-    except urllib.error.URLError as err:
-        raise DataError(url, f"could not reach URL: {err.reason}", transient=True) from None
-    except (OSError, TimeoutError, ValueError) as err:
-        raise DataError(
-            url, f"could not reach URL: {err}", transient=not isinstance(err, ValueError)
-        ) from None
-    dest_dir.mkdir(parents=True, exist_ok=True)
+        return Acquired(hit, expected, shown)
+    made.mkdirs(dest_dir)
     fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=".download-")
     tmp = Path(tmp_name)
-    h = hashlib.sha256()
     try:
-        with resp, os.fdopen(fd, "wb") as out:
-            for chunk in iter(lambda: resp.read(1 << 20), b""):
-                h.update(chunk)
-                out.write(chunk)
-    except (OSError, TimeoutError) as err:
+        with os.fdopen(fd, "wb") as out:
+            digest = download(url, out, timeout=timeout, deadline=deadline, max_bytes=max_bytes)
+        if expected and digest != expected:
+            raise DataError(shown, f"sha256 mismatch: expected {expected}, got {digest}")
+        name = _URL_PARTS.match(url).group(3).rsplit("/", 1)[-1]
+        target = _store(tmp, digest, _sniff_ext(name, tmp), dest_dir, made, move=True)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise DataError(url, f"download interrupted: {err}", transient=True) from None
-    digest = h.hexdigest()
-    if expected and digest != expected:
-        tmp.unlink(missing_ok=True)
-        raise DataError(url, f"sha256 mismatch: expected {expected}, got {digest}")
-    name = urllib.parse.urlparse(url).path.rsplit("/", 1)[-1]
-    target = _store(tmp, digest, _sniff_ext(name, tmp), dest_dir, move=True)
-    return Acquired(target, digest, url)
+    return Acquired(target, digest, shown)
 
 
 _HF_SKIP = re.compile(r"(?:^|/)(?:\.|dataset_infos?\.json$|dataset_dict\.json$|state\.json$)")
@@ -278,7 +390,9 @@ def _hf_index(dest_dir: Path) -> dict[str, str]:
         return {}
 
 
-def _acquire_hf(source: str, dest_dir: Path, revision: str | None, timeout: float) -> Acquired:
+def _acquire_hf(
+    source: str, dest_dir: Path, revision: str | None, timeout: float, max_bytes: int, made: CreatedPaths
+) -> Acquired:
     repo_id = source.removeprefix(HF_PREFIX).strip("/")
     if not _HF_ID.fullmatch(repo_id):
         raise DataError(source, "not a Hugging Face dataset id (expected 'owner/name')")
@@ -301,6 +415,9 @@ def _acquire_hf(source: str, dest_dir: Path, revision: str | None, timeout: floa
     if not files:
         raise DataError(source, "no JSON, JSONL or Parquet data file in the dataset repository")
     cache = dest_dir / "hf-cache"
+    if not cache.exists():
+        made.mkdirs(dest_dir)
+        made.trees.append(cache)
     local: list[Path] = []
     for name in files:
         try:
@@ -318,24 +435,38 @@ def _acquire_hf(source: str, dest_dir: Path, revision: str | None, timeout: floa
             )
         except Exception as err:  # noqa: BLE001
             raise _hf_error(source, revision, err) from None
-    dest_dir.mkdir(parents=True, exist_ok=True)
+        size = local[-1].stat().st_size
+        if size > max_bytes:  # the Hub client streams to disk; the cap still bounds what is loaded
+            cap = f"{round(max_bytes / MB, 3):g} MB download cap (data.max_download_mb)"
+            raise DataError(source, f"{name} is {size / MB:.1f} MB, over the {cap}")
+    made.mkdirs(dest_dir)
     if len(local) == 1 and not files[0].lower().endswith(".parquet"):
         digest = _sha256_file(local[0])
-        target = _store(local[0], digest, _sniff_ext(files[0], local[0]), dest_dir, move=False)
+        target = _store(local[0], digest, _sniff_ext(files[0], local[0]), dest_dir, made, move=False)
     else:  # Parquet shards (or several JSON files): one JSONL file, rows in shard order
+        from pipeline_lib.data.loading import _write_jsonl, load_rows
+
         fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=".convert-")
         os.close(fd)
         tmp = Path(tmp_name)
-        from pipeline_lib.data.loading import _write_jsonl, load_rows
-
-        rows: list[dict] = []
-        for name, p in zip(files, local, strict=True):
-            rows.extend(load_rows(p, name=f"{source}/{name}"))
-        _write_jsonl(tmp, rows, fields=None)
-        digest = _sha256_file(tmp)
-        target = _store(tmp, digest, ".jsonl", dest_dir, move=True)
+        try:
+            rows: list[dict] = []
+            for name, p in zip(files, local, strict=True):
+                rows.extend(load_rows(p, name=f"{source}/{name}"))
+            _write_jsonl(tmp, rows, fields=None)
+            del rows
+            digest = _sha256_file(tmp)
+            target = _store(tmp, digest, ".jsonl", dest_dir, made, move=True)
+        finally:
+            tmp.unlink(missing_ok=True)
     if commit:
+        index_path = dest_dir / "hf_index.json"
         index = _hf_index(dest_dir)
         index[f"{repo_id}@{commit}"] = str(target.relative_to(dest_dir))
-        (dest_dir / "hf_index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
+        if not index_path.exists():
+            made.files.append(index_path)
+        fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=".hf_index-")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(index, indent=1, sort_keys=True))
+        os.replace(tmp_name, index_path)
     return Acquired(target, digest, source, commit)
