@@ -352,6 +352,32 @@ def test_whole_file_errors_are_one_line_naming_the_file(tmp_path, case):
     assert str(named.value).startswith("data/x.json: ")
 
 
+def test_a_lone_surrogate_is_a_data_error_naming_the_file_and_line(tmp_path):
+    ok = '{"instruction": "Say hi.", "input": "", "output": "hi"}'
+    bad = '{"instruction": "Say \\ud800 bye.", "input": "", "output": "bye"}'  # a JSON escape, as in the file
+    pair = '{"instruction": "Smile.", "input": "", "output": "\\ud83d\\ude00"}'  # a valid pair: one emoji
+    jsonl = tmp_path / "s.jsonl"
+    jsonl.write_text(f"{ok}\n{pair}\n{bad}\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        D.load_rows(jsonl)
+    msg = _one_line_naming(err.value, str(jsonl))
+    assert "line 3: lone surrogate in 'instruction' (\\ud800)" in msg
+    arr = tmp_path / "s.json"
+    bad_output = '{"instruction": "Say bye.", "input": "", "output": "bye \\ud800"}'
+    arr.write_text(f"[\n{ok},\n{pair},\n{bad_output}\n]")
+    with pytest.raises(DataError) as err:
+        D.load_rows(arr)
+    assert "item 2 (line 4): lone surrogate in 'output' (\\ud800)" in _one_line_naming(err.value, str(arr))
+    nested = tmp_path / "n.jsonl"
+    nested.write_text('{"instruction": "a", "output": "b", "meta": {"tags": ["x", "\\udc00"]}}\n')
+    with pytest.raises(DataError, match=r"line 1: lone surrogate in 'meta'\['tags'\]\[1\] \(\\udc00\)"):
+        D.load_rows(nested)
+    fine = tmp_path / "fine.jsonl"
+    fine.write_text(f"{ok}\n{pair}\n" + '{"instruction": "Escape.", "input": "", "output": "\\\\ud800"}\n')
+    outputs = [r["output"] for r in D.load_rows(fine)]
+    assert outputs == ["hi", "\U0001f600", "\\ud800"]  # an escaped backslash: text, not a surrogate
+
+
 def test_a_file_where_only_some_rows_have_the_fields_loads(tmp_path):
     path = tmp_path / "mixed.jsonl"
     write_jsonl([{"question": "a"}, {"instruction": "Hi", "output": "Hello"}], path)

@@ -1,5 +1,5 @@
 """Data stage safety: download size cap, total deadline, redirects only to public addresses, the scheme
-allow-list, and secrets redacted from everything recorded.
+allow-list, secrets redacted from everything recorded, and loading in bounded memory.
 
 Every server here listens on 127.0.0.1 and every loop it runs is bounded. Redirects to non-public addresses
 are refused, and the test servers are on loopback too, so tests that need a "public" origin replace
@@ -14,6 +14,8 @@ import hashlib
 import http.server
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +26,9 @@ import pytest
 from pipeline_lib import data as D
 from pipeline_lib.config import DataConfig
 from pipeline_lib.data import DataError
-from pipeline_lib.synthetic import alpaca_rows
+from pipeline_lib.synthetic import alpaca_rows, alpaca_sized_rows
+
+ROOT = Path(__file__).resolve().parent.parent
 
 Route = Callable[[http.server.BaseHTTPRequestHandler], None]
 
@@ -410,6 +414,96 @@ def test_an_acquired_record_from_before_is_redacted_when_cleaned(tmp_path):
     res = D.clean_acquired(acq, tmp_path / "out", DataConfig())
     assert res.source == "https://x.org/a.json?sig=REDACTED"
     assert "S3CRET" not in Path(res.audit_path).read_text()
+
+
+# ------------------------------------------------------------------------------------------------------ memory
+
+_MEASURE = """
+import json, resource, sys
+from pipeline_lib.data import load_rows
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rows = load_rows(sys.argv[1])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"rows": len(rows), "before_kib": before, "growth_kib": after - before}))
+"""
+# Linux carries the peak RSS of the process that forks over into the child's ru_maxrss, and this test process
+# is large (torch is imported): a small Python process in between starts the measuring one from a small peak.
+_SPAWN = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', *sys.argv[1:]]).returncode)"
+
+
+def _peak_growth(path: Path) -> tuple[int, int]:
+    """(rows, bytes) by which loading `path` raised the peak RSS of a fresh process."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SPAWN, _MEASURE, str(path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["before_kib"] < 150 << 10, out  # the baseline is this process's own, not inherited
+    return out["rows"], out["growth_kib"] * 1024  # ru_maxrss is in KiB on Linux
+
+
+@pytest.fixture(scope="module")
+def big_files(tmp_path_factory) -> tuple[Path, Path, int]:
+    """A ~40 MB JSON Lines file of Alpaca-sized rows and the same rows as one JSON array."""
+    root = tmp_path_factory.mktemp("big")
+    lines = [json.dumps(r, ensure_ascii=False) for r in alpaca_sized_rows(4000, seed=5)]
+    n = 0
+    jsonl, arr = root / "big.jsonl", root / "big.json"
+    with jsonl.open("w", encoding="utf-8") as a, arr.open("w", encoding="utf-8") as b:
+        b.write("[\n")
+        k = 0
+        while n < 40 << 20:
+            for line in lines:
+                line = line.replace('"instruction": "', f'"instruction": "{k} ', 1)  # distinct rows
+                a.write(line + "\n")
+                b.write(("" if k == 0 else ",\n") + line)
+                n += len(line.encode()) + 1
+                k += 1
+        b.write("\n]\n")
+    return jsonl, arr, k
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json"])
+def test_loading_peak_memory_is_under_twice_the_file_size(big_files, kind):
+    jsonl, arr, n = big_files
+    path = jsonl if kind == "jsonl" else arr
+    rows, growth = _peak_growth(path)
+    size = path.stat().st_size
+    assert rows == n
+    assert growth <= 2 * size, f"peak RSS grew by {growth / size:.2f}x the file size ({size >> 20} MiB)"
+
+
+def test_streamed_json_array_reports_errors_like_a_whole_parse(tmp_path, monkeypatch):
+    """Tiny read pieces: every item and error crosses piece boundaries."""
+    from pipeline_lib.data import loading
+
+    monkeypatch.setattr(loading, "_TEXT_PIECE", 3)
+    monkeypatch.setattr(loading, "_PIECE", 3)
+    rows = alpaca_rows(8) + [{"instruction": "Emoji 😀 \u00e9", "input": "", "output": "ok"}]
+    good = tmp_path / "good.json"
+    good.write_text("\ufeff" + json.dumps(rows, ensure_ascii=False, indent=3), encoding="utf-8")
+    assert D.load_rows(good) == rows
+    cases = {
+        b'[{"instruction": "a", "output": "b"},\n 12345, {"instruction": "c", "output": "d"}]':
+            "item 1 of the top-level list is a number",
+        b'[1234567890123, {"instruction": "a", "output": "b"}]': "item 0 of the top-level list is a number",
+        b'[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]':
+            "not valid JSON (line 2, column 22: Expecting ',' delimiter)",
+        b'[{"instruction": "a", "output": "b"}\n\n': "not valid JSON (line 3, column 1: Expecting ',' delimiter)",
+        b'[{"instruction": "a", "output": "b"}] [': "not valid JSON (line 1, column 39: Extra data)",
+        b'[{"instruction": "a", "output": "b"},]': "not valid JSON (line 1, column 38: Expecting value)",
+    }  # fmt: skip
+    for content, problem in cases.items():
+        bad = tmp_path / "bad.json"
+        bad.write_bytes(content)
+        with pytest.raises(DataError) as err:
+            D.load_rows(bad)
+        assert problem in str(err.value)
+        try:  # the same position as the standard library gives for the whole text
+            json.loads(content)
+        except json.JSONDecodeError as e:
+            assert f"line {e.lineno}, column {e.colno}: {e.msg}" in problem
 
 
 def test_sha256_of_a_download_is_of_its_bytes(serve, tmp_path):
