@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
 import pickle
 import socket
 import threading
@@ -378,6 +379,23 @@ def test_a_lone_surrogate_is_a_data_error_naming_the_file_and_line(tmp_path):
     assert outputs == ["hi", "\U0001f600", "\\ud800"]  # an escaped backslash: text, not a surrogate
 
 
+def test_prepare_refuses_an_empty_out_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in ("", "  "):
+        with pytest.raises(ValueError, match="out_dir is empty"):
+            D.prepare("builtin:smoke_alpaca.jsonl", out, DataConfig(source="builtin:smoke_alpaca.jsonl"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_with_a_lone_surrogate_leaves_nothing_behind(tmp_path):
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c\\ud800", "output": "d"}\n')
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="line 2: lone surrogate"):
+        D.prepare(str(src), out, DataConfig(source=str(src)))
+    assert not out.exists()
+
+
 def test_a_file_where_only_some_rows_have_the_fields_loads(tmp_path):
     path = tmp_path / "mixed.jsonl"
     write_jsonl([{"question": "a"}, {"instruction": "Hi", "output": "Hello"}], path)
@@ -701,3 +719,70 @@ def test_data_package_does_not_import_prefect():
         mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not any(m.split(".")[0] == "prefect" for m in mods), f.name
+
+
+def test_an_interleaved_prepare_into_the_same_out_leaves_one_consistent_set(tmp_path, monkeypatch):
+    """Run B starts and finishes while run A is half-way through writing: what is left is one run's set."""
+    import importlib
+
+    P = importlib.import_module("pipeline_lib.data.prepare")  # the module: `data.prepare` is the function
+
+    a = write_jsonl(alpaca_rows(60, seed=1), tmp_path / "a.jsonl")
+    b = write_jsonl(alpaca_rows(60, seed=2), tmp_path / "b.jsonl")
+    out = tmp_path / "out"
+    real = P._write_jsonl
+    nested = []
+
+    def write(path, rows, *args, **kwargs):
+        if "train" in Path(path).name and not nested:
+            nested.append(str(b))
+            D.prepare(str(b), out, DataConfig(source=str(b)))  # B, from start to end
+        return real(path, rows, *args, **kwargs)
+
+    monkeypatch.setattr(P, "_write_jsonl", write)
+    res = D.prepare(str(a), out, DataConfig(source=str(a)))
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["source"] == str(a) == res.source and nested
+    data = {k: (out / f"{k}.jsonl").read_bytes() for k in ("clean", "train", "eval")}
+    h = hashlib.sha256()
+    for k in ("clean", "train", "eval"):
+        h.update(f"{k}:{len(data[k])}:".encode() + data[k])
+    assert audit["fingerprint"] == res.fingerprint == h.hexdigest()[:16]
+    assert sorted(data["train"].splitlines() + data["eval"].splitlines()) == sorted(
+        data["clean"].splitlines()
+    )
+
+
+def test_outputs_move_into_place_one_whole_set_at_a_time(tmp_path, monkeypatch):
+    """Run B tries to move its outputs in while run A is between two of its moves: B waits for A's set to be
+    complete, so what is left is B's whole set, never a mix."""
+    import importlib
+
+    P = importlib.import_module("pipeline_lib.data.prepare")
+    a = write_jsonl(alpaca_rows(60, seed=1), tmp_path / "a.jsonl")
+    b = write_jsonl(alpaca_rows(60, seed=2), tmp_path / "b.jsonl")
+    out = tmp_path / "out"
+    real_replace = os.replace
+    b_done = threading.Event()
+    b_result = []
+
+    def run_b():
+        b_result.append(D.prepare(str(b), out, DataConfig(source=str(b))))
+        b_done.set()
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if threading.current_thread() is threading.main_thread() and Path(dst).name == "clean.jsonl":
+            threading.Thread(target=run_b, daemon=True).start()
+            b_done.wait(3)  # B would finish in well under a second were nothing holding it back
+
+    monkeypatch.setattr(P.os, "replace", replace)
+    D.prepare(str(a), out, DataConfig(source=str(a)))
+    assert b_done.wait(30) and b_result
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["source"] == str(b) and audit["fingerprint"] == b_result[0].fingerprint
+    data = {k: (out / f"{k}.jsonl").read_bytes() for k in ("clean", "train", "eval")}
+    h = hashlib.sha256()
+    for k in ("clean", "train", "eval"):
+        h.update(f"{k}:{len(data[k])}:".encode() + data[k])
+    assert audit["fingerprint"] == h.hexdigest()[:16]

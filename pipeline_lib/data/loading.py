@@ -331,24 +331,17 @@ def validate_row(obj: Any) -> tuple[Row | None, str | None]:
     return {"instruction": obj["instruction"], "input": inp, "output": obj["output"]}, None
 
 
-def _jsonl_bytes(rows: Iterable[Mapping[str, Any]], fields: tuple[str, ...] | None = FIELDS) -> bytes:
-    dumps = json.dumps
-    if fields is None:
-        text = "".join(dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
-    else:
-        text = "".join(dumps({k: r[k] for k in fields}, ensure_ascii=False) + "\n" for r in rows)
-    return text.encode("utf-8", errors="replace")
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _write_jsonl(
     path: Path, rows: Iterable[Mapping[str, Any]], fields: tuple[str, ...] | None = FIELDS
-) -> bytes:
-    data = _jsonl_bytes(rows, fields)
-    _write_bytes(path, data)
-    return data
+) -> int:
+    """Write `rows` to `path` as JSON Lines (UTF-8; only `fields`, or every key when None), a row at a time;
+    return the number of bytes written. The caller picks `path`: a unique temporary name, moved into place."""
+    dumps = json.dumps
+    with open(path, "w", encoding="utf-8", errors="replace", newline="") as f:
+        if fields is None:
+            for r in rows:
+                f.write(dumps(r, ensure_ascii=False, default=str) + "\n")
+        else:
+            for r in rows:
+                f.write(dumps({k: r[k] for k in fields}, ensure_ascii=False) + "\n")
+    return os.path.getsize(path)

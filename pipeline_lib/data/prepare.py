@@ -4,25 +4,31 @@
 duplicates last), counting every repaired or dropped row in an `Audit`; `split` holds out an evaluation split;
 `prepare(source, out_dir, cfg)` acquires, cleans and writes clean.jsonl, train.jsonl, eval.jsonl and
 audit.json, returning a `PreparedData` (paths and fingerprints, JSON-able).
+
+The outputs are written under unique temporary names and moved into place as one set under a lock on the
+output directory, so concurrent runs into one directory all succeed and leave one run's complete set; a run
+that fails removes whatever it created (the raw copy, new directories) and leaves what was there before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
-from collections.abc import Iterable, Mapping
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline_lib.config import CleaningConfig, DataConfig
 from pipeline_lib.data.audit import Audit
-from pipeline_lib.data.loading import FIELDS, Row, _write_bytes, _write_jsonl, load_rows, validate_row
+from pipeline_lib.data.loading import FIELDS, Row, _write_jsonl, load_rows, validate_row
 from pipeline_lib.data.rules import DUPLICATE, INVALID_ROW, NEAR_DUPLICATE, RULES, SAMPLED_OUT, _norm
-from pipeline_lib.data.sources import Acquired, DataError, acquire, redact_url
+from pipeline_lib.data.sources import Acquired, CreatedPaths, DataError, acquire, redact_url
 
 
 def _changed_field(before: Row, after: Row) -> str:
@@ -194,14 +200,58 @@ class PreparedData:
         return json.loads(Path(self.audit_path).read_text(encoding="utf-8"))
 
 
+_OUTPUTS = ("clean.jsonl", "train.jsonl", "eval.jsonl", "audit.json")
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive lock on `directory` (flock on the directory itself: no lock file is left behind), so that
+    concurrent `prepare` calls into one directory move their outputs into place one whole set at a time."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: the moves are still atomic one by one
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _staged(out: Path, name: str) -> Path:
+    """A unique temporary file in `out` for the output `name` (hidden, removed if the call fails)."""
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _fingerprint(files: Iterable[tuple[str, Path]]) -> str:
+    h = hashlib.sha256()
+    for key, path in files:
+        h.update(f"{key}:{path.stat().st_size}:".encode())
+        with path.open("rb") as f:
+            for piece in iter(lambda: f.read(1 << 20), b""):
+                h.update(piece)
+    return h.hexdigest()[:16]
+
+
 def clean_acquired(
-    acquired: Acquired | Mapping[str, Any], out_dir: str | os.PathLike, cfg: DataConfig
+    acquired: Acquired | Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    cfg: DataConfig,
+    *,
+    created: CreatedPaths | None = None,
 ) -> PreparedData:
-    """Load, clean, sample, split and write an acquired file into `out_dir` (see `prepare`)."""
+    """Load, clean, sample, split and write an acquired file into `out_dir` (see `prepare`).
+
+    The outputs are written under unique temporary names and moved into place together, under a lock on
+    `out_dir`, only when all of them are complete: a failure leaves `out_dir` as it was, and concurrent calls
+    into one `out_dir` each leave a complete, consistent set (the last one's)."""
     acq = acquired if isinstance(acquired, Acquired) else Acquired.from_dict(acquired)
     source = redact_url(acq.source)
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     raw = load_rows(acq.path, name=source)
     rows, audit = clean(raw, cfg.cleaning)
     del raw
@@ -212,30 +262,38 @@ def clean_acquired(
             source, f"only {len(rows)} usable row(s) left after cleaning {audit.rows_in}; need at least 2"
         )
     train, ev = split(rows, cfg.eval_fraction, cfg.seed)
-    paths = {k: out / f"{k}.jsonl" for k in ("clean", "train", "eval")}
-    h = hashlib.sha256()
-    for key, part in (("clean", rows), ("train", train), ("eval", ev)):
-        data = _write_jsonl(paths[key], part)
-        h.update(f"{key}:{len(data)}:".encode())
-        h.update(data)
-    fp = h.hexdigest()[:16]
-    report = {
-        **audit.to_dict(),
-        "source": source,
-        "source_sha256": acq.sha256,
-        "revision": acq.revision,
-        "fingerprint": fp,
-        "n_train": len(train),
-        "n_eval": len(ev),
-        "settings": cfg.model_dump(mode="json", exclude={"source"}),
-    }
-    audit_path = out / "audit.json"
-    _write_bytes(audit_path, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    (created if created is not None else CreatedPaths()).mkdirs(out)
+    staged: dict[str, Path] = {}
+    try:
+        for key, part in (("clean", rows), ("train", train), ("eval", ev)):
+            staged[f"{key}.jsonl"] = tmp = _staged(out, f"{key}.jsonl")
+            _write_jsonl(tmp, part)
+        fp = _fingerprint((k, staged[f"{k}.jsonl"]) for k in ("clean", "train", "eval"))
+        report = {
+            **audit.to_dict(),
+            "source": source,
+            "source_sha256": acq.sha256,
+            "revision": acq.revision,
+            "fingerprint": fp,
+            "n_train": len(train),
+            "n_eval": len(ev),
+            "settings": cfg.model_dump(mode="json", exclude={"source"}),
+        }
+        staged["audit.json"] = tmp = _staged(out, "audit.json")
+        # a lone surrogate in an example (from rows given as objects) is written as its \\u escape: still JSON
+        text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+        tmp.write_bytes(text.encode("utf-8", errors="backslashreplace"))
+        with _locked(out):
+            for name in _OUTPUTS:
+                os.replace(staged.pop(name), out / name)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
     return PreparedData(
-        clean_path=str(paths["clean"]),
-        train_path=str(paths["train"]),
-        eval_path=str(paths["eval"]),
-        audit_path=str(audit_path),
+        clean_path=str(out / "clean.jsonl"),
+        train_path=str(out / "train.jsonl"),
+        eval_path=str(out / "eval.jsonl"),
+        audit_path=str(out / "audit.json"),
         fingerprint=fp,
         source=source,
         source_sha256=acq.sha256,
@@ -254,14 +312,23 @@ def prepare(
     `cfg.max_rows`, split, and write `out_dir/clean.jsonl`, `train.jsonl`, `eval.jsonl` and `audit.json`.
 
     Raises `DataError` (one line naming the source, its secrets redacted, and the problem) when the data cannot
-    be used."""
+    be used; everything this call created (the raw copy, directories) is removed again, and what was in
+    `out_dir` before stays as it was."""
+    if not str(out_dir).strip():
+        raise ValueError("out_dir is empty; give the directory to write the prepared data to")
     out = Path(out_dir)
-    acquired = acquire(
-        source,
-        Path(cache_dir) if cache_dir is not None else out / "raw",
-        revision=cfg.revision,
-        sha256=cfg.sha256,
-        max_mb=cfg.max_download_mb,
-        deadline_s=cfg.download_timeout_s,
-    )
-    return clean_acquired(acquired, out, cfg)
+    made = CreatedPaths()
+    try:
+        acquired = acquire(
+            source,
+            Path(cache_dir) if cache_dir is not None else out / "raw",
+            revision=cfg.revision,
+            sha256=cfg.sha256,
+            max_mb=cfg.max_download_mb,
+            deadline_s=cfg.download_timeout_s,
+            created=made,
+        )
+        return clean_acquired(acquired, out, cfg, created=made)
+    except BaseException:
+        made.remove()
+        raise
