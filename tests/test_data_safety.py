@@ -13,6 +13,7 @@ import base64
 import hashlib
 import http.server
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -291,6 +292,31 @@ def test_a_redirect_from_the_users_local_url_to_another_local_port_is_refused(se
     with pytest.raises(DataError, match="not a public address"):
         D.acquire(f"{origin.base}/data.json", tmp_path / "raw", timeout=5)
     assert internal.requests == []
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_https_checks_the_certificate_for_the_host_name(tmp_path, monkeypatch):
+    """The connection goes to the checked address, and TLS still verifies the certificate for the name."""
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    srv = _Server({"/rows.jsonl": body(_jsonl(alpaca_rows(3)))})
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.httpd.socket = ctx.wrap_socket(srv.httpd.socket, server_side=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust this certificate only
+    try:
+        got = D.acquire(f"https://localhost:{srv.port}/rows.jsonl", tmp_path / "raw", timeout=5)
+        assert D.load_rows(got.path) == alpaca_rows(3)
+        with pytest.raises(DataError, match="CERTIFICATE_VERIFY_FAILED"):  # the name is checked, not the IP
+            D.acquire(f"https://127.0.0.1:{srv.port}/rows.jsonl", tmp_path / "raw2", timeout=5)
+    finally:
+        srv.close()
 
 
 def test_the_proxy_from_the_environment_is_used(serve, tmp_path, monkeypatch):
