@@ -86,7 +86,8 @@ def _naive_passes() -> list:
                 and re.search(D._MISSING_INPUT.pattern, r["instruction"].strip(), re.I) is not None),
         drop_if(lambda r: re.fullmatch(D._PLACEHOLDER_INPUT.pattern, r["input"].strip(), re.I) is not None
                 or (re.fullmatch(D._URL_ONLY.pattern, r["input"].strip(), re.I) is not None
-                    and re.search(D._URL_TOPIC.pattern, r["instruction"], re.I) is None)
+                    and (re.search(D._URL_STRING_TASK.pattern, r["instruction"], re.I) is None
+                         or re.search(D._URL_CONTENT_TASK.pattern, r["instruction"], re.I) is not None))
                 or re.search(D._PLACEHOLDER_IN_TEXT.pattern, r["instruction"] + "\n" + r["input"], re.I)
                 is not None),
         drop_if(lambda r: re.search(D._CODE_REQUEST.pattern, r["instruction"], re.I) is not None

@@ -176,10 +176,24 @@ def _find_summary(flow_run_id: str, st: dict) -> dict:
 
 
 def cmd_data_prepare(args) -> int:
-    from pipeline_lib.config import DataConfig
+    from pydantic import ValidationError
+
+    from pipeline_lib.config import ConfigError, DataConfig
+
+    for flag, value in (("--source", args.source), ("--out", args.out)):
+        if not value.strip():
+            raise ConfigError(f"{flag}: must not be empty")
+    settings = {"source": args.source, "revision": args.revision, "sha256": args.sha256}
+    if args.max_download_mb is not None:
+        settings["max_download_mb"] = args.max_download_mb
+    try:
+        cfg = DataConfig(**settings)
+    except ValidationError as err:
+        first = err.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "data"
+        raise ConfigError(f"{flag}: {first['msg'].removeprefix('Value error, ')}") from None
     from pipeline_lib.data import prepare
 
-    cfg = DataConfig(source=args.source, revision=args.revision, sha256=args.sha256)
     res = prepare(args.source, Path(args.out), cfg)
     d = res.to_dict()
     print(
@@ -238,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--source", required=True, help="file, http(s) URL or Hugging Face dataset id")
     dp.add_argument("--out", required=True, help="output directory")
     dp.add_argument("--revision")
-    dp.add_argument("--sha256")
+    dp.add_argument("--sha256", help="expected sha256 of the data file (64 hex digits)")
+    dp.add_argument("--max-download-mb", type=float, help="largest file to download, in MB (default 2048)")
     dp.set_defaults(func=cmd_data_prepare)
     sp = sub.add_parser("config", help="print a resolved config or the schema")
     sp.add_argument("action", choices=["show", "schema"])

@@ -92,6 +92,22 @@ class DataConfig(_Strict):
         description="Keep only this many cleaned rows (seeded sample) for quick runs; None = all.",
     )
     seed: int = Field(42, description="Seed of the train/eval split and of any sampling.")
+    max_download_mb: float = Field(
+        2048,
+        gt=0,
+        description=(
+            "Largest data file that may be downloaded (URLs, Hugging Face files), in MB of 2^20 bytes; a larger "
+            "one stops the run before it is read."
+        ),
+    )
+    download_timeout_s: float = Field(
+        1800,
+        gt=0,
+        description=(
+            "Deadline for a whole URL download (every redirect and read together), in seconds; each single "
+            "network wait is bounded by 30 s as well."
+        ),
+    )
     cleaning: CleaningConfig = Field(default_factory=CleaningConfig, description="Cleaning rule switches.")
 
     @field_validator("sha256")

@@ -34,7 +34,7 @@ def _hub_reachable(kind: str, repo: str, revision: str | None, timeout: float) -
 
 def check_run(config: RunConfig, timeout: float = 5.0) -> list[str]:
     """Problems that would stop `config` later; [] when none."""
-    from pipeline_lib.data import source_kind
+    from pipeline_lib.data import redact_url, source_kind, unsupported_scheme
     from pipeline_lib.tiny import is_tiny
 
     problems: list[str] = []
@@ -44,6 +44,8 @@ def check_run(config: RunConfig, timeout: float = 5.0) -> list[str]:
         p = _hub_reachable("dataset", src.removeprefix("hf://"), config.data.revision, timeout)
         if p:
             problems.append(p)
+    elif kind == "unsupported":
+        problems.append(f"data.source: {redact_url(src)}: {unsupported_scheme(src)}")
     elif kind == "file" and not Path(src).expanduser().is_file():
         problems.append(f"data.source: {src}: file not found")
     for i, m in enumerate(config.models):

@@ -13,6 +13,9 @@ The smoke world has two kinds of content:
 facts, stated in other sentences than any instruction row uses and never in the instruction template, so a
 base model "knows" the world but not the question-and-answer format, and no smoke row (held-out ones least
 of all) is ever in its pre-training text. Deterministic for a given seed.
+
+Over 500 lines because most of it is data: the world's fact tables and the hand-written clean, tricky and
+defective rows that the tests hold every cleaning rule to.
 """
 
 from __future__ import annotations
@@ -307,6 +310,37 @@ TRICKY_CLEAN_ROWS: list[dict] = [
         "input": "https://www.example.com/about",
         "output": "example.com",
     },
+    # a URL-only input is fine when the task is about the URL string itself (hallucination_bait keeps these)
+    {
+        "instruction": "Parse the URL and list its query parameters.",
+        "input": "https://example.com/search?q=cats&page=2",
+        "output": "q = cats\npage = 2",
+    },
+    {
+        "instruction": "Is this URL valid?",
+        "input": "http://example..com/index.html",
+        "output": "No. The host name has an empty label between the two dots.",
+    },
+    {
+        "instruction": "Encode the URL so that it can be used as a query parameter.",
+        "input": "https://example.com/a?x=1&y=2",
+        "output": "https%3A%2F%2Fexample.com%2Fa%3Fx%3D1%26y%3D2",
+    },
+    {
+        "instruction": "Classify the URL format as absolute or relative.",
+        "input": "https://example.com/docs/intro",
+        "output": "Absolute.",
+    },
+    {
+        "instruction": "Shorten the URL by removing its tracking parameters.",
+        "input": "https://shop.example.com/item/42?utm_source=mail&utm_medium=email",
+        "output": "https://shop.example.com/item/42",
+    },
+    {
+        "instruction": "What protocol does this URL use?",
+        "input": "https://www.example.org/login",
+        "output": "HTTPS.",
+    },
     {
         "instruction": "Rewrite the following sentence in the passive voice: The cat chased the mouse.",
         "input": "",
@@ -365,6 +399,18 @@ def defective_rows() -> list[dict]:
         # 1. hallucination bait
         _defect("hallucination_bait", "drop", {"instruction": "Summarize the article.",
                 "input": "https://www.example.com/news/2023/ai-article", "output": "The article says AI is great."}),
+        # ... also when the instruction names the link: the task is about the content behind it
+        _defect("hallucination_bait", "drop", {"instruction": "Summarize the article at the link.",
+                "input": "https://news.example.org/2023/05/ai-regulation",
+                "output": "The article says new rules for AI were passed."}),
+        _defect("hallucination_bait", "drop", {"instruction": "Describe the web page at this link.",
+                "input": "www.example.com/products/blender", "output": "It is a product page for a blender."}),
+        _defect("hallucination_bait", "drop", {"instruction": "Explain what the video at the link is about.",
+                "input": "https://video.example.com/watch?v=abc123", "output": "The video explains how volcanoes form."}),
+        _defect("hallucination_bait", "drop", {"instruction": "Write a review of the product at this URL.",
+                "input": "https://shop.example.com/item/4411", "output": "Great product, five stars."}),
+        _defect("hallucination_bait", "drop", {"instruction": "Classify the website at this link by its topic.",
+                "input": "https://www.example.net/", "output": "Technology news."}),
         _defect("hallucination_bait", "drop", {"instruction": "Describe the picture.", "input": "<Picture Attached>",
                 "output": "The picture shows a sunset over the sea."}),
         _defect("hallucination_bait", "drop", {"instruction": "Classify the mood of the painting.", "input": "[Image]",

@@ -67,7 +67,14 @@ def acquire_data(data: DataConfig) -> dict:
 
     from pipeline_lib.data import acquire
 
-    got = acquire(data.source, qabot_home() / "data" / "raw", revision=data.revision, sha256=data.sha256)
+    got = acquire(
+        data.source,
+        qabot_home() / "data" / "raw",
+        revision=data.revision,
+        sha256=data.sha256,
+        max_mb=data.max_download_mb,
+        deadline_s=data.download_timeout_s,
+    )
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(got).items()}
 
 
@@ -75,7 +82,8 @@ def acquire_data(data: DataConfig) -> dict:
 def clean_data(acquired: dict, data: DataConfig) -> dict:
     from pipeline_lib.data import audit_table, clean_acquired
 
-    out = paths.stage_dir("data", "clean", acquired["sha256"], data.model_dump_json())
+    settings = data.model_dump_json(exclude={"max_download_mb", "download_timeout_s"})  # download limits only
+    out = paths.stage_dir("data", "clean", acquired["sha256"], settings)
     prepared = clean_acquired(acquired, out, data)
     audit = prepared.audit_dict()
     create_table_artifact(

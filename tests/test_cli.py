@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 from network import needs_no_hub
 
-from pipeline_lib.synthetic import NON_ENGLISH_ROWS, alpaca_rows, defective_rows
+from pipeline_lib.synthetic import NON_ENGLISH_ROWS, alpaca_rows, alpaca_sized_rows, defective_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,3 +109,109 @@ def test_config_show_and_schema():
     proc = qabot("config", "schema")
     schema = json.loads(proc.stdout)
     assert "models" in schema["properties"]
+
+
+def _rows_file(path: Path, n: int, seed: int) -> Path:
+    rows = alpaca_sized_rows(n, seed=seed)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_data_prepare_lone_surrogate_is_a_data_error_and_leaves_nothing(tmp_path):
+    src = tmp_path / "s.jsonl"
+    src.write_text(
+        '{"instruction": "Say hi.", "input": "", "output": "hi"}\n'
+        '{"instruction": "Say \\ud800 bye.", "input": "", "output": "bye"}\n'
+        '{"instruction": "Name a cat.", "input": "", "output": "Tom"}\n'
+    )
+    proc = qabot("data", "prepare", "--source", str(src), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip() == (
+        f"qabot: error: {src}: line 2: lone surrogate in 'instruction' (\\ud800), not valid Unicode text; "
+        "fix or remove that escape"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_prepare_refuses_an_empty_out(tmp_path):
+    src = _rows_file(tmp_path / "in.jsonl", 20, seed=1)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "data", "prepare", "--source", str(src), "--out", ""],
+        cwd=work, capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "qabot: error: --out: must not be empty"
+    assert list(work.iterdir()) == []
+
+
+def test_data_prepare_bad_sha256_names_the_flag(tmp_path):
+    src = _rows_file(tmp_path / "in.jsonl", 20, seed=1)
+    proc = qabot("data", "prepare", "--source", str(src), "--out", str(tmp_path / "out"), "--sha256", "xyz")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "qabot: error: --sha256: must be 64 hexadecimal characters"
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_prepare_unsupported_scheme_is_named(tmp_path):
+    proc = qabot("data", "prepare", "--source", "ftp://x/alpaca.json", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1
+    line = proc.stderr.strip()
+    assert line.startswith("qabot: error: ftp://x/alpaca.json: unsupported scheme 'ftp://'"), line
+    assert "\n" not in line and not (tmp_path / "out").exists()
+
+
+def test_failed_data_prepare_removes_only_what_it_created(tmp_path):
+    out = tmp_path / "out"
+    good = _rows_file(tmp_path / "good.jsonl", 40, seed=2)
+    assert qabot("data", "prepare", "--source", str(good), "--out", str(out)).returncode == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "raw" / "other").mkdir()
+    (out / "raw" / "other" / "keep.json").write_text("[]")
+    before = _files(out)
+    dirs = sorted(p for p in out.rglob("*") if p.is_dir())
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "a", "output": "b"}, {"instruction": ')  # a full copy would land in raw/
+    proc = qabot("data", "prepare", "--source", str(bad), "--out", str(out))
+    assert proc.returncode == 1 and "not valid JSON" in proc.stderr
+    assert _files(out) == before  # the earlier outputs, the raw copy of good.jsonl and the user's files stay
+    assert sorted(p for p in out.rglob("*") if p.is_dir()) == dirs  # no new directory either
+    fresh = tmp_path / "fresh" / "out"
+    assert qabot("data", "prepare", "--source", str(bad), "--out", str(fresh)).returncode == 1
+    assert not fresh.exists() and (tmp_path / "fresh").exists() is False
+
+
+def test_concurrent_data_prepare_into_one_out_all_succeed(tmp_path):
+    """Four runs at once into one --out (two sources, so a mixed set would show), twice: every run succeeds
+    and the files left are one run's complete, consistent set."""
+    out = tmp_path / "out"
+    sources = [_rows_file(tmp_path / f"in{k}.jsonl", 6000, seed=k) for k in (1, 2)]
+    cmd = [sys.executable, "-m", "flows.cli", "data", "prepare", "--out", str(out), "--source"]
+    for _ in range(2):  # the second round replaces a complete set
+        procs = [
+            subprocess.Popen(cmd + [str(sources[i % 2])], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+            for i in range(4)
+        ]  # fmt: skip
+        results = [(p.communicate(timeout=180)[1], p.returncode) for p in procs]
+        assert [rc for _, rc in results] == [0, 0, 0, 0], results
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["audit.json", "clean.jsonl", "eval.jsonl", "raw", "train.jsonl"], names
+    assert not [p for p in out.rglob(".*")], "temporary files left behind"
+    audit = json.loads((out / "audit.json").read_text(encoding="utf-8"))
+    data = {k: (out / f"{k}.jsonl").read_bytes() for k in ("clean", "train", "eval")}
+    h = hashlib.sha256()
+    for k in ("clean", "train", "eval"):
+        h.update(f"{k}:{len(data[k])}:".encode() + data[k])
+    assert audit["fingerprint"] == h.hexdigest()[:16]
+    lines = {k: data[k].decode().splitlines() for k in data}
+    assert len(lines["clean"]) == audit["rows_out"] == audit["n_train"] + audit["n_eval"]
+    assert sorted(lines["train"] + lines["eval"]) == sorted(lines["clean"])
+    src = next(s for s in sources if str(s) == audit["source"])
+    assert audit["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
 import pickle
 import socket
 import threading
@@ -84,6 +85,22 @@ def test_drop_rules_drop_their_defect(row):
     out, audit = D.clean([_bare(row)])
     assert out == []
     assert audit.count(row["rule"]) == 1 and audit.dropped == 1, _counts(audit)
+
+
+# the field each drop rule looks at, as the audit shows it
+DROP_FIELDS = {"empty_output": "output", "nooutput": "output", "na_output": "output",
+               "unclear_instruction": "instruction", "missing_input": "instruction",
+               "hallucination_bait": "input", "empty_code": "output"}  # fmt: skip
+
+
+def test_each_rule_declares_its_field_and_the_audit_shows_it():
+    assert {r.name: r.field for r in D.RULES if r.action == "drop"} == DROP_FIELDS
+    for row in _defects("drop"):
+        if row["rule"] not in DROP_FIELDS:
+            continue
+        _, audit = D.clean([_bare(row)])
+        ex = audit.rules[row["rule"]].examples[0]
+        assert ex["field"] == DROP_FIELDS[row["rule"]], row
 
 
 @pytest.mark.parametrize("row", _defects("repair"), ids=lambda r: f"{r['rule']}:{r['instruction'][:20]}")
@@ -334,6 +351,49 @@ def test_whole_file_errors_are_one_line_naming_the_file(tmp_path, case):
     with pytest.raises(DataError) as named:  # the name shown can be the user's source, not the cache path
         D.load_rows(path, name="data/x.json")
     assert str(named.value).startswith("data/x.json: ")
+
+
+def test_a_lone_surrogate_is_a_data_error_naming_the_file_and_line(tmp_path):
+    ok = '{"instruction": "Say hi.", "input": "", "output": "hi"}'
+    bad = '{"instruction": "Say \\ud800 bye.", "input": "", "output": "bye"}'  # a JSON escape, as in the file
+    pair = '{"instruction": "Smile.", "input": "", "output": "\\ud83d\\ude00"}'  # a valid pair: one emoji
+    jsonl = tmp_path / "s.jsonl"
+    jsonl.write_text(f"{ok}\n{pair}\n{bad}\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        D.load_rows(jsonl)
+    msg = _one_line_naming(err.value, str(jsonl))
+    assert "line 3: lone surrogate in 'instruction' (\\ud800)" in msg
+    arr = tmp_path / "s.json"
+    bad_output = '{"instruction": "Say bye.", "input": "", "output": "bye \\ud800"}'
+    arr.write_text(f"[\n{ok},\n{pair},\n{bad_output}\n]")
+    with pytest.raises(DataError) as err:
+        D.load_rows(arr)
+    assert "item 2 (line 4): lone surrogate in 'output' (\\ud800)" in _one_line_naming(err.value, str(arr))
+    nested = tmp_path / "n.jsonl"
+    nested.write_text('{"instruction": "a", "output": "b", "meta": {"tags": ["x", "\\udc00"]}}\n')
+    with pytest.raises(DataError, match=r"line 1: lone surrogate in 'meta'\['tags'\]\[1\] \(\\udc00\)"):
+        D.load_rows(nested)
+    fine = tmp_path / "fine.jsonl"
+    fine.write_text(f"{ok}\n{pair}\n" + '{"instruction": "Escape.", "input": "", "output": "\\\\ud800"}\n')
+    outputs = [r["output"] for r in D.load_rows(fine)]
+    assert outputs == ["hi", "\U0001f600", "\\ud800"]  # an escaped backslash: text, not a surrogate
+
+
+def test_prepare_refuses_an_empty_out_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in ("", "  "):
+        with pytest.raises(ValueError, match="out_dir is empty"):
+            D.prepare("builtin:smoke_alpaca.jsonl", out, DataConfig(source="builtin:smoke_alpaca.jsonl"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_with_a_lone_surrogate_leaves_nothing_behind(tmp_path):
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c\\ud800", "output": "d"}\n')
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="line 2: lone surrogate"):
+        D.prepare(str(src), out, DataConfig(source=str(src)))
+    assert not out.exists()
 
 
 def test_a_file_where_only_some_rows_have_the_fields_loads(tmp_path):
@@ -649,10 +709,80 @@ def test_clean_is_fast_enough():
     assert time.perf_counter() - started < 5  # ~0.4 s here; 52k rows must stay far under 30 s
 
 
-def test_data_module_does_not_import_prefect():
+def test_data_package_does_not_import_prefect():
     import ast
 
-    tree = ast.parse(Path(D.__file__).read_text())
-    mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not any(m.split(".")[0] == "prefect" for m in mods)
+    files = sorted(Path(D.__file__).parent.glob("*.py"))
+    assert {f.name for f in files} >= {"__init__.py", "sources.py", "loading.py", "rules.py", "audit.py"}
+    for f in files:
+        tree = ast.parse(f.read_text())
+        mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not any(m.split(".")[0] == "prefect" for m in mods), f.name
+
+
+def test_an_interleaved_prepare_into_the_same_out_leaves_one_consistent_set(tmp_path, monkeypatch):
+    """Run B starts and finishes while run A is half-way through writing: what is left is one run's set."""
+    import importlib
+
+    P = importlib.import_module("pipeline_lib.data.prepare")  # the module: `data.prepare` is the function
+
+    a = write_jsonl(alpaca_rows(60, seed=1), tmp_path / "a.jsonl")
+    b = write_jsonl(alpaca_rows(60, seed=2), tmp_path / "b.jsonl")
+    out = tmp_path / "out"
+    real = P._write_jsonl
+    nested = []
+
+    def write(path, rows, *args, **kwargs):
+        if "train" in Path(path).name and not nested:
+            nested.append(str(b))
+            D.prepare(str(b), out, DataConfig(source=str(b)))  # B, from start to end
+        return real(path, rows, *args, **kwargs)
+
+    monkeypatch.setattr(P, "_write_jsonl", write)
+    res = D.prepare(str(a), out, DataConfig(source=str(a)))
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["source"] == str(a) == res.source and nested
+    data = {k: (out / f"{k}.jsonl").read_bytes() for k in ("clean", "train", "eval")}
+    h = hashlib.sha256()
+    for k in ("clean", "train", "eval"):
+        h.update(f"{k}:{len(data[k])}:".encode() + data[k])
+    assert audit["fingerprint"] == res.fingerprint == h.hexdigest()[:16]
+    assert sorted(data["train"].splitlines() + data["eval"].splitlines()) == sorted(
+        data["clean"].splitlines()
+    )
+
+
+def test_outputs_move_into_place_one_whole_set_at_a_time(tmp_path, monkeypatch):
+    """Run B tries to move its outputs in while run A is between two of its moves: B waits for A's set to be
+    complete, so what is left is B's whole set, never a mix."""
+    import importlib
+
+    P = importlib.import_module("pipeline_lib.data.prepare")
+    a = write_jsonl(alpaca_rows(60, seed=1), tmp_path / "a.jsonl")
+    b = write_jsonl(alpaca_rows(60, seed=2), tmp_path / "b.jsonl")
+    out = tmp_path / "out"
+    real_replace = os.replace
+    b_done = threading.Event()
+    b_result = []
+
+    def run_b():
+        b_result.append(D.prepare(str(b), out, DataConfig(source=str(b))))
+        b_done.set()
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if threading.current_thread() is threading.main_thread() and Path(dst).name == "clean.jsonl":
+            threading.Thread(target=run_b, daemon=True).start()
+            b_done.wait(3)  # B would finish in well under a second were nothing holding it back
+
+    monkeypatch.setattr(P.os, "replace", replace)
+    D.prepare(str(a), out, DataConfig(source=str(a)))
+    assert b_done.wait(30) and b_result
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["source"] == str(b) and audit["fingerprint"] == b_result[0].fingerprint
+    data = {k: (out / f"{k}.jsonl").read_bytes() for k in ("clean", "train", "eval")}
+    h = hashlib.sha256()
+    for k in ("clean", "train", "eval"):
+        h.update(f"{k}:{len(data[k])}:".encode() + data[k])
+    assert audit["fingerprint"] == h.hexdigest()[:16]
