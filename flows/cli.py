@@ -78,9 +78,15 @@ def _use_services(start: bool, worker: bool = False) -> dict:
 def cmd_up(args) -> int:
     from flows import services
 
-    st = services.up(worker=not args.no_worker)
+    st = services.up(mlflow_port=args.mlflow_port, prefect_port=args.prefect_port, worker=not args.no_worker)
     print(f"MLflow:  {st['mlflow_url']}")
     print(f"Prefect: {st['prefect_url']}")
+    if st.get("prefect_auth_file"):
+        f = st["prefect_auth_file"]
+        print(
+            f"Prefect API and UI require HTTP basic auth; 'user:password' is in {f} (owner only). "
+            f'Clients elsewhere: export PREFECT_API_AUTH_STRING="$(cat {f})"; the UI asks for it.'
+        )
     print(f"State:   {services.qabot_home()}")
     return 0
 
@@ -90,19 +96,35 @@ def cmd_down(args) -> int:
 
     stopped = services.down()
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    for name in stopped.stale:
+        print(f"{name}: {services.STALE}, not signalled")
     return 0
 
 
 def cmd_status(args) -> int:
     from flows import services
 
-    st = services.read_state()
-    if not st:
+    st = services.status()
+    if not st["started"]:
         print("not started (qabot up)")
         return 0
-    for name, pid in st.get("pids", {}).items():
-        print(f"{name:8s} pid {pid:>7}  {'running' if services._alive(pid) else 'stopped'}")
-    print(f"MLflow:  {st.get('mlflow_url')}\nPrefect: {st.get('prefect_url')}")
+    for name, item in st["services"].items():
+        line = f"{name:8s} {item['state']:27s}"
+        if item.get("pid"):
+            line += f" pid {item['pid']:<8}"
+        if item.get("url"):
+            line += f" {item['url']}  " + ("answers" if item["answers"] else "does not answer")
+        print(line.rstrip())
+    pool = st["pool"]
+    if "status" in pool:
+        workers = pool.get("workers") or []
+        online = [w for w in workers if w["status"] == "ONLINE"]
+        print(f"pool     {pool['name']}: {pool['status']}, {len(online)} of {len(workers)} worker(s) online")
+        for w in workers:
+            age = w["heartbeat_age_s"]
+            print(
+                f"         {w['name']}: {w['status']}, last heartbeat {'never' if age is None else f'{age:.0f} s ago'}"
+            )
     return 0
 
 
@@ -216,6 +238,12 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qabot", description="Fine-tune small LLMs with QLoRA and compare them.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -232,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("up", help="start MLflow, Prefect and a process worker")
     sp.add_argument("--no-worker", action="store_true")
+    sp.add_argument("--mlflow-port", type=_port, help="default 5000, or a free port when taken")
+    sp.add_argument("--prefect-port", type=_port, help="default 4200, or a free port when taken")
     sp.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop what `up` started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="show the local services").set_defaults(func=cmd_status)
@@ -264,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true")):
+        os.environ.setdefault(key, value)  # no usage data sent from here unless the user asks for it
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -274,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline_lib.config import ConfigError
 
         code = EXIT_USAGE if isinstance(err, (ConfigError, ValueError)) else EXIT_FAILED
-        return _fail(_one_line(err), code)
+        code = _fail(_one_line(err), code)
+        if getattr(err, "detail", ""):  # a service that failed: the last lines of its log
+            print(err.detail, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 set -a; . "$here/server.env"; set +a
 home=${MLFLOW_HOME:-${QABOT_HOME:-./.qabot}/mlflow}
 mkdir -p "$home/artifacts"
+echo "mlflow/start.sh: starting the MLflow server on ${MLFLOW_HOST:-127.0.0.1}:${MLFLOW_PORT:-5000} (home $home)"
 exec "${MLFLOW_BIN:-mlflow}" server \
   --backend-store-uri "${MLFLOW_BACKEND_URI:-sqlite:///$home/mlflow.db}" \
   --artifacts-destination "${MLFLOW_ARTIFACTS:-$home/artifacts}" \

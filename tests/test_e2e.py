@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -41,17 +40,15 @@ def _qabot(env, *args, timeout=900):
     return proc, time.time() - t0
 
 
-def _post(url, body):
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+def _task_states(home, flow_run_id):
+    from flows.services import prefect_api  # CSRF token (and auth) included
 
-
-def _task_states(prefect_url, flow_run_id):
-    runs = _post(
-        f"{prefect_url}/api/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200}
+    runs = prefect_api(
+        "POST",
+        "/task_runs/filter",
+        {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200},
+        home=home,
+        timeout=30,
     )
     out: dict[str, list[str]] = {}
     for r in runs:
@@ -156,7 +153,7 @@ def test_smoke_pipeline_end_to_end(stack, tmp_path):
     for model in ("llama-tiny", "bloom-tiny", "falcon-tiny"):
         assert table[model].notna().all(), model
 
-    states = _task_states(st["prefect_url"], summary["flow_run_id"])
+    states = _task_states(stack["home"], summary["flow_run_id"])
     assert HEAVY <= set(states), states
 
     # Second run, through the deployment and the process worker: every heavy task is Cached.
@@ -167,7 +164,7 @@ def test_smoke_pipeline_end_to_end(stack, tmp_path):
         and "MLflow parent run: http://127.0.0.1" in proc.stdout
     )
     flow_run_id = proc.stdout.split("/runs/flow-run/")[1].split()[0]
-    states = _task_states(st["prefect_url"], flow_run_id)
+    states = _task_states(stack["home"], flow_run_id)
     for name in HEAVY:
         assert states.get(name) and all(s == "Cached" for s in states[name]), (name, states.get(name))
     print(f"\nfirst run {first:.1f} s, cached rerun through the worker {second:.1f} s ({second / first:.0%})")
@@ -189,7 +186,7 @@ def test_smoke_pipeline_end_to_end(stack, tmp_path):
     proc, _ = _qabot(env, "run", "--config", str(one), "--no-services")
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     third = json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])
-    states = _task_states(st["prefect_url"], third["flow_run_id"])
+    states = _task_states(stack["home"], third["flow_run_id"])
     for name in ("acquire-data", "clean-data", "tokenize", "train", "merge", "answer-questions"):
         assert states.get(name) == ["Completed"], (name, states.get(name))
 
