@@ -34,7 +34,7 @@ import urllib.parse
 import urllib.request
 from typing import BinaryIO
 
-from pipeline_lib.data.sources import MB, DataError, redact_url
+from pipeline_lib.data.errors import MB, DataError, redact_url
 from pipeline_lib.netutil import call_with_deadline
 
 MAX_REDIRECTS = 5

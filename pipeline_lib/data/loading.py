@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline_lib.data.sources import DataError
+from pipeline_lib.data.errors import DataError
 
 Row = dict[str, str]
 FIELDS = ("instruction", "input", "output")

@@ -26,9 +26,10 @@ from typing import Any
 
 from pipeline_lib.config import CleaningConfig, DataConfig
 from pipeline_lib.data.audit import Audit
+from pipeline_lib.data.errors import DataError, redact_url
 from pipeline_lib.data.loading import FIELDS, Row, _write_jsonl, load_rows, validate_row
 from pipeline_lib.data.rules import DUPLICATE, INVALID_ROW, NEAR_DUPLICATE, RULES, SAMPLED_OUT, _norm
-from pipeline_lib.data.sources import Acquired, CreatedPaths, DataError, acquire, redact_url
+from pipeline_lib.data.sources import Acquired, CreatedPaths, acquire
 
 
 def _changed_field(before: Row, after: Row) -> str:
