@@ -604,10 +604,12 @@ def _up(home: Path, mlflow_port: int | None, prefect_port: int | None, worker: b
             raise ServiceError(
                 f"creating work pool {WORK_POOL} failed:", detail="\n".join("  | " + x for x in out)
             )
+        # Poll every 2 s rather than Prefect's 10: a run started from the UI or `qabot demo` begins at once.
+        wenv = {"PREFECT_WORKER_QUERY_SECONDS": "2", **cenv}
         proc, rec = _spawn(
             "worker",
             [str(bindir / "prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"],
-            cenv,
+            wenv,
             home,
         )
         _started("worker", proc, rec, home, state)

@@ -31,3 +31,51 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """The real local services, shared by every test that needs them (e2e, security, faults), started the
+    hard way: two `qabot up` at once (with the worker) on a fresh QABOT_HOME and free 127.0.0.1 ports. At the
+    end `qabot down` must stop every process they started (checked); whatever is left is killed."""
+    import json
+    import signal
+    import time
+
+    from servicekit import env_for, kill_leftovers, leftovers, ports, qabot, spawn, wait_for
+
+    home = tmp_path_factory.mktemp("stack") / "home"
+    env = env_for(home)
+    mlflow_port, prefect_port = ports(2)
+    args = ("up", "--mlflow-port", str(mlflow_port), "--prefect-port", str(prefect_port))
+    results = []
+    try:
+        ups = [spawn(env, *args), spawn(env, *args)]
+        t0 = time.monotonic()
+        try:
+            for up in ups:
+                out, err = up.communicate(timeout=max(1.0, 400 - (time.monotonic() - t0)))
+                results.append((up.returncode, out, err, round(time.monotonic() - t0, 1)))
+        finally:
+            for up in ups:
+                if up.poll() is None:
+                    os.killpg(up.pid, signal.SIGKILL)
+                    up.communicate(timeout=30)
+        assert all(r[0] == 0 for r in results), [r[2][-2000:] for r in results]
+        state = json.loads((home / "services.json").read_text())
+        yield {
+            "home": home,
+            "env": env,
+            "state": state,
+            "results": results,
+            "mlflow": mlflow_port,
+            "prefect": prefect_port,
+        }
+        down = qabot(env, "down", timeout=90)
+        assert down.returncode == 0 and down.stdout.strip() == "stopped: worker, prefect, mlflow", (
+            down.stdout,
+            down.stderr,
+        )
+        wait_for(lambda: not leftovers(home), 20, "every server process to end after `qabot down`")
+    finally:
+        kill_leftovers(home)

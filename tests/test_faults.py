@@ -15,8 +15,7 @@ import stat
 import time
 from pathlib import Path
 
-import pytest
-from servicekit import cleanup, env_for, kill_leftovers, leftovers, ports, qabot, spawn, wait_for
+from servicekit import cleanup, env_for, leftovers, ports, qabot, spawn, wait_for
 
 
 def _mlflow_leader(home: Path) -> int | None:
@@ -104,30 +103,6 @@ def test_a_held_lock_makes_up_wait_then_give_up_starting_nothing(tmp_path):
 # --- two `qabot up` at once on a fresh home ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def raced(tmp_path_factory):
-    home = tmp_path_factory.mktemp("race") / "home"
-    env = env_for(home)
-    m, p = ports(2)
-    with cleanup(home, env):
-        args = ("up", "--no-worker", "--mlflow-port", str(m), "--prefect-port", str(p))
-        ups = [spawn(env, *args), spawn(env, *args)]
-        results = []
-        t0 = time.monotonic()
-        try:
-            for up in ups:
-                out, err = up.communicate(timeout=max(1.0, 300 - (time.monotonic() - t0)))
-                results.append((up.returncode, out, err, round(time.monotonic() - t0, 1)))
-        finally:
-            for up in ups:
-                if up.poll() is None:
-                    os.killpg(up.pid, signal.SIGKILL)
-                    up.communicate(timeout=30)
-        print(f"\ntwo concurrent `qabot up` ended after {[r[3] for r in results]} s")
-        yield {"home": home, "env": env, "results": results, "ports": (m, p)}
-        kill_leftovers(home)
-
-
 def _servers(home: Path) -> dict[str, list[int]]:
     found: dict[str, list[int]] = {"mlflow": [], "prefect": []}
     for pid, cmd in leftovers(home).items():
@@ -140,21 +115,26 @@ def _servers(home: Path) -> dict[str, list[int]]:
     return found
 
 
-def test_two_concurrent_ups_end_cleanly_with_one_of_each_server(raced):
-    for rc, out, err, _ in raced["results"]:
+def test_two_concurrent_ups_end_cleanly_with_one_of_each_server(stack):
+    """The session's services were started by two `qabot up` at once on a fresh home (conftest `stack`)."""
+    print(f"\ntwo concurrent `qabot up` ended after {[r[3] for r in stack['results']]} s")
+    for rc, out, err, _ in stack["results"]:
         assert rc == 0, err[-3000:]
-        m, p = raced["ports"]
+        m, p = stack["mlflow"], stack["prefect"]
         assert f"MLflow:  http://127.0.0.1:{m}" in out and f"Prefect: http://127.0.0.1:{p}" in out, out
-    servers = _servers(raced["home"])
-    assert len(servers["mlflow"]) == 1 and len(servers["prefect"]) == 1, leftovers(raced["home"])
-    state = json.loads((raced["home"] / "services.json").read_text())
-    assert state["pids"] == {"mlflow": servers["mlflow"][0], "prefect": servers["prefect"][0]}
-    proc = qabot(raced["env"], "status", timeout=60)
-    assert proc.stdout.count(" running ") == 2 and "answers" in proc.stdout, proc.stdout
+    servers = _servers(stack["home"])
+    assert len(servers["mlflow"]) == 1 and len(servers["prefect"]) == 1, leftovers(stack["home"])
+    state = json.loads((stack["home"] / "services.json").read_text())
+    assert {k: state["pids"][k] for k in ("mlflow", "prefect")} == {
+        "mlflow": servers["mlflow"][0],
+        "prefect": servers["prefect"][0],
+    }
+    proc = qabot(stack["env"], "status", timeout=60)
+    assert proc.stdout.count(" running ") == 3 and "answers" in proc.stdout, proc.stdout
 
 
-def test_files_under_home_are_readable_only_by_their_owner(raced):
-    home = raced["home"]
+def test_files_under_home_are_readable_only_by_their_owner(stack):
+    home = stack["home"]
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     for d in (home, home / "logs", home / "mlflow", home / "mlflow" / "artifacts", home / "prefect"):
         assert mode(d) == 0o700, (d, oct(mode(d)))
@@ -163,13 +143,3 @@ def test_files_under_home_are_readable_only_by_their_owner(raced):
     assert {f.name for f in files} >= {"mlflow.log", "prefect.log", "mlflow.db", "prefect.db"}
     for f in files:
         assert mode(f) == 0o600, (f, oct(mode(f)))
-
-
-def test_down_after_the_race_stops_both(raced):
-    home = raced["home"]
-    proc = qabot(raced["env"], "down", timeout=90)
-    assert proc.returncode == 0 and proc.stdout.strip() == "stopped: prefect, mlflow", (
-        proc.stdout,
-        proc.stderr,
-    )
-    wait_for(lambda: not leftovers(home), 20, "every server process to end")

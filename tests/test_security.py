@@ -5,7 +5,9 @@ token; the worker, `prefect deploy` and `run_deployment` still work through it; 
 no telemetry; basic auth when asked for. `qabot down` never signals a process that merely has a recorded pid,
 and `qabot status` calls a record from another process (or another boot) stale.
 
-Real servers on free 127.0.0.1 ports under a fresh QABOT_HOME per module; everything started is stopped.
+The servers are the session's (conftest `stack`: free 127.0.0.1 ports, a fresh QABOT_HOME); the runs of
+tests/test_e2e.py go through the same servers with CSRF protection on, which shows Prefect's own clients (the
+worker, `prefect deploy`, `run_deployment`) still work. Everything started is stopped.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import signal
 import stat
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -26,21 +27,6 @@ from servicekit import cleanup, env_for, http, kill_leftovers, ports, qabot, wai
 from flows import services
 
 EVIL = "http://evil.example"
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    home = tmp_path_factory.mktemp("sec") / "home"
-    env = env_for(home)
-    mlflow_port, prefect_port = ports(2)
-    with cleanup(home, env):
-        proc = qabot(
-            env, "up", "--mlflow-port", str(mlflow_port), "--prefect-port", str(prefect_port), timeout=300
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        state = json.loads((home / "services.json").read_text())
-        assert state["prefect_url"] == f"http://127.0.0.1:{prefect_port}"
-        yield {"home": home, "env": env, "state": state, "mlflow": mlflow_port, "prefect": prefect_port}
 
 
 # --- Prefect: Host, CORS, CSRF ---------------------------------------------------------------------------------
@@ -90,60 +76,6 @@ def test_prefect_state_changes_need_a_csrf_token(stack):
     pools = services.prefect_api("POST", "/work_pools/filter", {}, home=stack["home"])
     assert services.WORK_POOL in {p["name"] for p in pools}
     assert "from-a-web-page" not in {p["name"] for p in pools}
-
-
-def test_deploy_and_run_deployment_through_the_worker_with_csrf_on(stack, tmp_path):
-    env = stack["env"]
-    proc = qabot(env, "deploy", timeout=300)  # `prefect deploy --all` of prefect.yaml
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    names = {d["name"] for d in services.prefect_api("POST", "/deployments/filter", {}, home=stack["home"])}
-    assert {"smoke", "report", "report-weekly"} <= names
-
-    # a tiny flow of its own, deployed with `prefect deploy` and run by the worker with `run_deployment`
-    (tmp_path / "tiny.py").write_text(
-        "from prefect import flow\n\n@flow\ndef tiny(x: int = 1) -> int:\n    return x + 1\n"
-    )
-    (tmp_path / "prefect.yaml").write_text(
-        textwrap.dedent(f"""\
-        name: tiny
-        pull:
-          - prefect.deployments.steps.set_working_directory:
-              directory: {tmp_path}
-        deployments:
-          - name: tiny
-            entrypoint: tiny.py:tiny
-            work_pool: {{name: {services.WORK_POOL}}}
-        """)
-    )
-    cenv = {**env, **services.service_env(stack["home"])}
-    bindir = Path(sys.executable).parent
-    dep = subprocess.run(
-        [str(bindir / "prefect"), "--no-prompt", "deploy", "--all"],
-        cwd=tmp_path,
-        env=cenv,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert dep.returncode == 0, (dep.stdout + dep.stderr)[-3000:]
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from prefect.deployments import run_deployment\n"
-            "fr = run_deployment('tiny/tiny', parameters={'x': 41}, timeout=150)\n"
-            "print(fr.state.name, fr.state.result() if fr.state.is_completed() else fr.state.message)\n",
-        ],
-        cwd=tmp_path,
-        env=cenv,
-        capture_output=True,
-        text=True,
-        timeout=200,
-    )
-    assert run.returncode == 0 and run.stdout.split()[-2:] == ["Completed", "42"], (
-        run.stdout,
-        run.stderr[-3000:],
-    )
 
 
 # --- MLflow, telemetry ------------------------------------------------------------------------------------------

@@ -312,7 +312,7 @@ def test_killed_training_resumes_same_run_from_checkpoint(
     assert (out_dir / "checkpoints" / f"checkpoint-{SAVE_STEPS}").is_dir()
 
     monkeypatch.delenv("QABOT_KILL_AFTER_STEP")
-    res = isolation.call(train_stage, job, label="train llama-resume").to_json()
+    res = run_training(job)  # the rerun, in this process: what it does does not depend on where it runs
     assert res["run_id"] == run_id and res["resumed"] and res["resumed_from_step"] == SAVE_STEPS
     assert res["metrics"]["steps_run"] == STEPS - SAVE_STEPS  # went on from the checkpoint, not from step 0
     assert res["metrics"]["steps"] == trained["llama"]["result"]["metrics"]["steps"] == STEPS
@@ -336,15 +336,33 @@ def test_killed_training_resumes_same_run_from_checkpoint(
     assert _steps(uri, run_id, "loss") == list(range(1, STEPS + 1))
 
 
-def test_error_in_isolated_training_is_one_line_stage_error(tiny_models, tokenized, work, uri):
+def test_failed_training_marks_its_run_failed(tiny_models, tokenized, work, uri):
     job = _job("falcon", tiny_models, tokenized, work / "run-broken", uri, "broken", name="broken")
     job = job.model_copy(update={"model": job.model.model_copy(update={"path": str(work / "no-such-model")})})
-    with pytest.raises(isolation.StageError) as info:
-        isolation.call(train_stage, job, label="train broken")
-    message = str(info.value)
-    assert message.startswith("train broken: ") and "\n" not in message and "no-such-model" in message
+    with pytest.raises(OSError, match="no-such-model"):
+        train_stage(job)
     (run,) = _runs(uri, "broken")
     assert run.info.status == "FAILED"
+
+
+def test_error_in_an_isolated_stage_is_one_line_stage_error(tiny_models, tokenized, work):
+    """The child's error comes back as one line prefixed with the stage's label (a cheap stage: the
+    mechanism is the same for every stage)."""
+    from pipeline_lib.tokenization import TokenizeJob, tokenize_stage
+
+    job = TokenizeJob(
+        train_path=str(work / "missing-train.jsonl"),
+        eval_path=str(work / "missing-eval.jsonl"),
+        data_fingerprint="x",
+        model=jobs.resolved("falcon", tiny_models["falcon"]),
+        max_length=64,
+        out_dir=str(work / "tok-broken"),
+    )
+    with pytest.raises(isolation.StageError) as info:
+        isolation.call(tokenize_stage, job, label="tokenize broken", log_path=work / "tok-broken.log")
+    message = str(info.value)
+    assert message.startswith("tokenize broken: ") and "\n" not in message and "missing-train" in message
+    assert info.value.kind == "FileNotFoundError" and "Traceback" in info.value.log_tail
 
 
 # ---- 4. memory plan --------------------------------------------------------------------------------------------
