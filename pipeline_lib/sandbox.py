@@ -3,8 +3,9 @@
 The child is `python -I -B` in a fresh scratch directory (its cwd, HOME and TMPDIR, removed afterwards) with a
 minimal environment and resource limits (CPU seconds, address space, no core files, small files, few open
 files), killed with its whole process group at a wall-clock timeout. Before the answer's code runs, an audit hook
-(`sys.addaudithook`, which cannot be removed) refuses sockets, subprocesses, exec/fork/kill, ctypes, and any
-write, delete, rename or mode change outside the scratch directory. Where `unshare -rn` (or `unshare -n`) works,
+(`sys.addaudithook`, which cannot be removed, its state out of the answer's reach) refuses sockets,
+subprocesses, exec/fork/kill, ctypes, gc introspection, and any write, delete, rename or mode change outside the
+scratch directory. Where `unshare -rn` (or `unshare -n`) works,
 the child also runs in a network namespace of its own, without network devices.
 """
 
@@ -38,6 +39,9 @@ class SandboxResult:
     timed_out: bool
     seconds: float
     scratch: str  # the scratch directory the child ran in (already removed)
+    errors: tuple[
+        str | None, ...
+    ] = ()  # per test: None when it passed, else why not ("not run" if never reached)
 
 
 # ---------------------------------------------------------------- finding the code in an answer
@@ -171,22 +175,22 @@ def _refused(*args, **kwargs):
 
 _posixsubprocess.fork_exec = _refused
 subprocess._fork_exec = _refused
-SCRATCH = os.path.realpath(cfg["scratch"])
 NONCE = cfg["nonce"]
 
 def emit(obj):
     os.write(OUT, (NONCE + json.dumps(obj) + "\n").encode())
 
+_HOOK = '''
+import os, sys
 BLOCKED = ("socket.", "ctypes.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork",
            "os.system", "os.kill", "os.killpg", "os.startfile", "pty.", "resource.setrlimit",
-           "resource.prlimit", "webbrowser.", "os.chroot", "os.setuid", "os.setgid")
+           "resource.prlimit", "webbrowser.", "os.chroot", "os.setuid", "os.setgid", "gc.get_")
 PATH_EVENTS = {"os.remove": 1, "os.rmdir": 1, "os.rename": 2, "os.replace": 2, "os.mkdir": 1,
                "os.chmod": 1, "os.chown": 1, "os.link": 2, "os.symlink": 2, "os.truncate": 1,
                "os.utime": 1, "shutil.rmtree": 1, "shutil.copyfile": 2, "shutil.copytree": 2,
                "shutil.move": 2, "os.setxattr": 1, "os.removexattr": 1, "os.mkfifo": 1, "os.mknod": 1}
 BLOCKED_IMPORTS = {"_ctypes", "ctypes"}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-_busy = [False]
 
 def inside(path):
     if isinstance(path, int) or path is None:
@@ -198,27 +202,24 @@ def inside(path):
     return p == SCRATCH or p.startswith(SCRATCH + os.sep)
 
 def hook(event, args):
-    if _busy[0]:
-        return
-    _busy[0] = True
-    try:
-        if event.startswith(BLOCKED):
-            raise PermissionError("sandbox: " + event + " is not allowed")
-        if event == "import" and args[0] in BLOCKED_IMPORTS and args[0] not in sys.modules:
-            raise PermissionError("sandbox: import " + args[0] + " is not allowed")
-        if event == "open":
-            path, mode, flags = (tuple(args) + (None, None))[:3]
-            writing = bool((flags or 0) & WRITE_FLAGS) or any(c in (mode or "") for c in "wax+")
-            if writing and not inside(path):
-                raise PermissionError("sandbox: writing " + repr(path) + " is not allowed")
-        elif event in PATH_EVENTS:
-            for p in args[: PATH_EVENTS[event]]:
-                if not inside(p):
-                    raise PermissionError("sandbox: " + event + " on " + repr(p) + " is not allowed")
-    finally:
-        _busy[0] = False
-
-sys.addaudithook(hook)
+    if event.startswith(BLOCKED):
+        raise PermissionError("sandbox: " + event + " is not allowed")
+    if event == "import" and args[0] in BLOCKED_IMPORTS and args[0] not in sys.modules:
+        raise PermissionError("sandbox: import " + args[0] + " is not allowed")
+    if event == "open":
+        path, mode, flags = (tuple(args) + (None, None))[:3]
+        writing = bool((flags or 0) & WRITE_FLAGS) or any(c in (mode or "") for c in "wax+")
+        if writing and not inside(path):
+            raise PermissionError("sandbox: writing " + repr(path) + " is not allowed")
+    elif event in PATH_EVENTS:
+        for p in args[: PATH_EVENTS[event]]:
+            if not inside(p):
+                raise PermissionError("sandbox: " + event + " on " + repr(p) + " is not allowed")
+'''
+_private = {"SCRATCH": os.path.realpath(cfg["scratch"])}  # the hook's globals: not reachable from __main__
+exec(_HOOK, _private)
+sys.addaudithook(_private["hook"])
+del _private, _HOOK
 
 def norm(v, depth=0):
     if depth > 50:
@@ -362,15 +363,23 @@ def run_tests(
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.monotonic() - t0
     passed, error, seen = 0, None, 0
+    errors: list[str | None] = ["not run"] * len(tests)
     for line in out.decode("utf-8", "replace").splitlines():
         if not line.startswith(nonce):
             continue
-        msg = json.loads(line[len(nonce) :])
+        try:
+            msg = json.loads(line[len(nonce) :])
+        except json.JSONDecodeError:
+            continue
         if "fatal" in msg:
             error = msg["fatal"]
+            errors = [error] * len(tests)
+            continue
+        if not isinstance(msg.get("i"), int) or not 0 <= msg["i"] < len(tests):
             continue
         seen += 1
         passed += bool(msg["ok"])
+        errors[msg["i"]] = None if msg["ok"] else msg.get("error") or "failed"
         error = error or msg.get("error")
     rc = proc.returncode
     if not timed_out and rc == -signal.SIGXCPU:
@@ -380,7 +389,7 @@ def run_tests(
     elif seen < len(tests) and error is None:
         why = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
         error = f"the child stopped after {seen} of {len(tests)} tests ({why})"
-    return SandboxResult(function, passed, len(tests), error, timed_out, seconds, scratch)
+    return SandboxResult(function, passed, len(tests), error, timed_out, seconds, scratch, tuple(errors))
 
 
 def _kill_group(pid: int) -> None:

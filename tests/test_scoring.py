@@ -90,6 +90,8 @@ def test_vector_sum_is_right_and_dot_product_is_wrong(qs):
         ("Sydney is the capital.", False),
         ("Sydney, Melbourne, Canberra or Perth.", False),
         ("Canberra or Sydney", False),
+        ("Many people think it is Sydney; it is Canberra.", True),
+        ("Sydney is a big city, but Canberra is the capital.", True),
         ("Canberrans", False),
     ],
 )
@@ -100,6 +102,11 @@ def test_fact_negations_and_wrong_alternatives(qs, answer, correct):
 
 def test_wrong_alternative_is_reported(qs):
     assert score_answer(qs[1], "Sydney. (Not Canberra.)").matched == ["wrong: Sydney"]
+    assert score_answer(qs[7], "Neil Armstrong, followed by Buzz Aldrin.").correct is True
+    assert score_answer(qs[7], "Neil Armstrong or Buzz Aldrin.").matched == [
+        "wrong: Buzz Aldrin",
+        "wrong: Aldrin",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -123,7 +130,7 @@ def test_circle_area_notations_accepted(qs, answer):
     assert score_answer(qs[6], answer).correct is True
 
 
-@pytest.mark.parametrize("answer", ["2πr", "2πr²", "4πr²", "πr", "πr²/2", "It is either 2πr or πr²."])
+@pytest.mark.parametrize("answer", ["2πr", "2πr²", "4πr²", "3πr²", "πr", "πr²/2", "It is either 2πr or πr²."])
 def test_circle_area_wrong_formulas_rejected(qs, answer):
     assert score_answer(qs[6], answer).correct is False
 
@@ -214,9 +221,9 @@ def test_extract_code(answer):
 
 
 def test_pick_function_prefers_hints_then_the_last():
-    src = "def helper(x, y):\n    return x + y\n\ndef vector_add(a, b):\n    pass\n\ndef add(a, b, c):\n    pass\n"
+    src = "def vector_add(a, b):\n    pass\n\ndef add(x, y):\n    return x + y\n\ndef plus(a, b, c):\n    pass\n"
     assert pick_function(src, 2, ["vector", "add"]) == "vector_add"
-    assert pick_function(src, 2) == "vector_add"
+    assert pick_function(src, 2) == "add"
     assert pick_function("def one(a):\n    pass\n", 2) is None
     assert extract_code("```python\ndef add(a, b)\n    pass\n```")[0] is None
 
@@ -241,6 +248,11 @@ def attempt(kind, arg):
         subprocess.run(["touch", arg])
     elif kind == "system":
         os.system("touch " + arg)
+    elif kind == "tamper":  # the hook's state is not the answer's to change
+        import __main__
+
+        __main__.SCRATCH = "/"
+        open(arg, "w").write("tampered")
     elif kind == "memory":
         bytearray(4 << 30)
     elif kind == "scratch":  # its own directory is the child's to use
@@ -267,18 +279,22 @@ def test_sandbox_blocks_file_network_and_process_escapes(tmp_path, monkeypatch):
         ("subprocess", str(marker)),
         ("system", str(marker)),
         ("memory", ""),
+        ("tamper", str(marker)),
     ]
     tests = [((k, a), "escaped") for k, a in escapes] + [(("scratch", ""), True), (("env", ""), True)]
     res = run_tests(ESCAPES, "attempt", tests, timeout_s=FAST_CODE * 2)
-    assert (res.passed, res.total) == (2, len(tests)), res.error
-    assert res.error and res.error.startswith("PermissionError: sandbox:")
+    assert (res.passed, res.total) == (2, len(tests)), res.errors
+    for (kind, _arg), error in zip(escapes, res.errors, strict=False):
+        expected = "MemoryError" if kind == "memory" else "PermissionError: sandbox:"
+        assert error and error.startswith(expected), (kind, error)
     assert victim.read_text() == "original" and (kept_dir / "f").exists() and not marker.exists()
     assert not Path(res.scratch).exists(), "the scratch directory is removed afterwards"
 
 
-def test_sandbox_kills_an_infinite_loop_within_the_time_limit():
+@pytest.mark.parametrize("body", ["while True:\n        pass", "import time\n    time.sleep(60)"])
+def test_sandbox_kills_an_infinite_loop_within_the_time_limit(body):
     t0 = time.monotonic()
-    res = run_tests("def f(a, b):\n    while True:\n        pass\n", "f", [((1, 2), 3)], timeout_s=1.0)
+    res = run_tests(f"def f(a, b):\n    {body}\n", "f", [((1, 2), 3)], timeout_s=1.0)
     assert res.timed_out and res.passed == 0
     assert time.monotonic() - t0 < 3.0
     assert not Path(res.scratch).exists()
