@@ -7,6 +7,7 @@
     qabot demo                          up + deploy + run the smoke deployment through the worker
     qabot data prepare --source SRC --out DIR
     qabot config show|schema            print a resolved config / the JSON schema of RunConfig
+    qabot score --answers FILE.jsonl    score answers ({"id", "answer"} rows) against the question set
 
 Errors are one line on stderr and a non-zero exit code, never a traceback.
 """
@@ -244,6 +245,16 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def cmd_score(args) -> int:
+    from pipeline_lib.scoring import score_file, summarize
+
+    answers = Path(args.answers)
+    out = Path(args.out) if args.out else answers.with_name(answers.stem + ".scored.jsonl")
+    rows = score_file(answers, args.questions, out)
+    print(json.dumps({"answers": str(answers), "out": str(out), **summarize(rows)}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qabot", description="Fine-tune small LLMs with QLoRA and compare them.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -289,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["show", "schema"])
     cfg_args(sp)
     sp.set_defaults(func=cmd_config)
+    sp = sub.add_parser("score", help="score a JSONL file of answers against the question set")
+    sp.add_argument("--answers", required=True, help='JSONL file, one {"id": ..., "answer": ...} per line')
+    sp.add_argument("--questions", help="question set markdown file (default: the built-in 15 questions)")
+    sp.add_argument("--out", help="scored rows, JSONL (default: ANSWERS.scored.jsonl next to the answers)")
+    sp.set_defaults(func=cmd_score)
     return p
 
 

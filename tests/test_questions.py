@@ -10,7 +10,17 @@ def test_fifteen_questions_with_exact_wording():
     assert [q.id for q in qs] == list(range(1, 16))
     assert qs[0].question == "What is the capital city of Australia?"
     assert qs[12].question == "How would you solve the following equation: 3x + 5 = 17?"
-    assert {q.kind for q in qs} == {"fact", "open", "code", "list"}
+    assert {q.kind for q in qs} == {"fact", "equation", "open", "code", "list"}
+
+
+def test_builtin_set_carries_scoring_data():
+    qs = {q.id: q for q in load_questions()}
+    assert "Sydney" in qs[1].wrong
+    assert qs[3].tests[0].args == ((1, 2), (3, 4)) and qs[3].tests[0].expected == (4, 6)
+    assert (qs[13].kind, qs[13].variable, qs[13].value) == ("equation", "x", 4.0)
+    assert qs[8].required == 3 and len(qs[8].items) == 12
+    assert [c.name for c in qs[2].criteria] == ["speed of light", "space and time are relative", "Einstein"]
+    assert qs[15].criteria == ()
 
 
 @pytest.mark.parametrize(
@@ -46,3 +56,50 @@ def test_list_and_rubric_scoring():
 def test_bad_question_set():
     with pytest.raises(ValueError, match="no rows"):
         parse_question_set("# nothing here\n")
+
+
+TABLE = """| id | question | kind | reference |
+|---|---|---|---|
+| 1 | Capital of Norway? | fact | Oslo / Christiania |
+| 2 | Solve 2x = 6 | equation | x = 3 |
+| 3 | Name two colours | list | two of: red, green, blue / navy |
+| 4 | Explain rain | open | rubric: clouds; water vapour / vapor |
+"""
+
+
+def test_table_only_question_set_keeps_the_simple_behaviour():
+    q1, q2, q3, q4 = parse_question_set(TABLE)
+    assert q1.answers == ("Oslo", "Christiania")
+    assert score_answer(q1, "It is Oslo.")["score"] == 1.0
+    assert score_answer(q1, "Bergen")["score"] == 0.0
+    assert score_answer(q2, "x = 3")["score"] == 1.0
+    assert (q3.required, score_answer(q3, "Red and navy.")["score"]) == (2, 1.0)
+    assert score_answer(q4, "Clouds hold water vapor.")["score"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("```yaml\n1: {accept: [Oslo\n```\n", "question set.md: line 10: scoring data is not valid YAML"),
+        (
+            "```yaml\n1: {acept: [Oslo]}\n```\n",
+            "question set.md: line 9: question 1: unknown key(s) ['acept']",
+        ),
+        ("```yaml\n9: {accept: [Oslo]}\n```\n", "question set.md: line 9: question 9: no such question"),
+        ("```yaml\n2: {value: four}\n```\n", "question 2: value: expected a number"),
+        ("```yaml\n4:\n  rubric: [{name: a, any: ['re:(']}]\n```\n", "bad regular expression"),
+        ("```yaml\n- 1\n```\n", "scoring data must be a mapping keyed by question id"),
+        ("| 5 | Q | guess | x |\n", "question set.md: line 8: question 5: unknown kind 'guess'"),
+        ("| 1 | Again? | fact | x |\n", "question set.md: line 8: question id 1 given twice"),
+        ("| 6 | Q |\n", "question set.md: line 8: expected '| id | question | kind | reference |'"),
+    ],
+)
+def test_malformed_question_set_is_one_line_naming_file_and_line(extra, message):
+    with pytest.raises(ValueError) as err:
+        parse_question_set(TABLE + "\n" + extra, "question set.md")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_load_questions_names_a_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="question set file not found"):
+        load_questions(tmp_path / "nope.md")
