@@ -13,6 +13,7 @@ from pipeline_lib.config import RunConfig, load_config
 from pipeline_lib.contracts import ModelResult
 from pipeline_lib.tracking import TrackingTarget, target_from_env
 from tasks import stages
+from tasks.progress import ProgressSpan
 
 DEFAULT_CONFIG = load_config("smoke")
 
@@ -40,17 +41,39 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
         prepared = stages.clean_data(acquired, config.data)
         stages.log_data(parent, prepared, acquired, tracking)
         resolved = {spec.name: stages.resolve_model(spec) for spec in config.models}
+        progress = stages.start_progress([m.name for m in config.models])
+        share = 100.0 / len(config.models)
         results: list[ModelResult] = []
-        for spec in config.models:
+        for k, spec in enumerate(config.models):
             model = resolved[spec.name]
             tokenized = stages.tokenize_data(
                 prepared, model, spec.max_length, spec.use_fast_tokenizer, config.training.long_rows
             )
-            trained = stages.train_model(model, tokenized, spec, settings, parent, tracking)
+            span = ProgressSpan(artifact_id=progress, start=k * share, share=share)
+            trained = stages.train_model(model, tokenized, spec, settings, parent, tracking, span)
+            before = stages.answer_questions(
+                spec.name,
+                "before",
+                model.path,
+                model.fingerprint,
+                config.inference,
+                settings,
+                trained.run_id,
+                tracking,
+            )
             registered = f"{config.name}-{spec.name}" if config.tracking.register_models else None
-            merged = stages.merge_model(trained, model, settings, tracking, registered)
+            merged = stages.merge_model(
+                trained, model, tokenized, settings, config.merge, tracking, registered
+            )
             answers = stages.answer_questions(
-                merged, spec.name, config.inference, settings, trained.run_id, tracking
+                spec.name,
+                "after",
+                merged.merged_dir,
+                merged.fingerprint,
+                config.inference,
+                settings,
+                trained.run_id,
+                tracking,
             )
             results.append(
                 ModelResult(
@@ -61,28 +84,33 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
                     train=trained,
                     merge=merged,
                     answers=answers,
+                    answers_before=before,
                 )
             )
+            m = trained.metrics
             logger.info(
-                "%s: train loss %.4f, eval loss %.4f, fact accuracy %s",
+                "%s: held-out bits per byte %.3f -> %.3f, question score %s -> %s",
                 spec.name,
-                trained.metrics.train_loss,
-                trained.metrics.eval_loss,
-                answers.fact_accuracy,
+                m.bits_per_byte_before,
+                m.bits_per_byte,
+                before.question_score,
+                answers.question_score,
             )
-        comparison = stages.compare_models(
-            results, parent, tracking, f"{config.name}: {', '.join(r.model_name for r in results)}"
-        )
+        title = f"{config.name}: {', '.join(r.model_name for r in results)}"
+        data = f"{config.data.source}, {prepared['rows_in']} rows in, {prepared['n_train']} trained on, {prepared['n_eval']} held out"
+        comparison = stages.compare_models(results, parent, tracking, title, data)
         summary = {
             "flow_run_id": str(flow_run.get_id()),
             "parent_run_id": parent,
             "parent_run_url": comparison.parent_run_url,
             "report_dir": comparison.report_dir,
+            "best_model": comparison.best_model,
             "models": {
                 r.model_name: {
                     "child_run_id": r.train.run_id,
                     **r.train.metrics.model_dump(),
-                    "fact_accuracy": r.answers.fact_accuracy,
+                    "question_score_before": r.answers_before.question_score if r.answers_before else None,
+                    "question_score": r.answers.question_score,
                 }
                 for r in results
             },

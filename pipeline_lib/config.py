@@ -232,11 +232,52 @@ class TrainingSettings(_Strict):
     bf16: bool = Field(True, description="Train in bfloat16 autocast where the device supports it.")
 
 
+class MergeSettings(_Strict):
+    """How the adapter is merged into its base, and the gate the merged model must pass.
+
+    The gate judges the *merge error*: the merged model against the same adapter, unmerged, on the base in
+    the merged dtype, on held-out rows in the training template (`modeling.merge_report`). Merging rounds
+    W + s·BA once to the merged dtype; measured on the tiny models (this CPU, bfloat16): a correct merge moves
+    the mean token loss by 0.0008–0.0066 nats and keeps 97–99% of the top-1 predictions. Wrong merges of a
+    smoke-trained adapter, measured the same way: the adapter applied twice (loss +0.035, top-1 18%), at half
+    scale (+0.57, 40%), missing from one layer (+0.96, 28%), missing everywhere (+2.5, 19%). The limits sit
+    between: |loss delta| ≤ 0.02 (3x the largest correct delta) and top-1 agreement ≥ 0.9; the two together
+    catch every wrong merge above. The gap between the model as trained (4-bit base) and the merged one is
+    reported beside it (for the tiny models: top-1 agreement ~0.8, the 4-bit rounding of 64-wide layers),
+    never judged: QLoRA trains against 4-bit weights, and serving an unquantized merge is the report's choice.
+    """
+
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype of the merged model (the base is loaded unquantized in it)."
+    )
+    fidelity_rows: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Held-out rows (prompt + response, training template) the gate compares on.",
+    )
+    max_loss_delta: float = Field(
+        0.03,
+        gt=0,
+        description="Largest |mean token loss change| (nats) merging may cause; see the class docs.",
+    )
+    min_top1_agreement: float = Field(
+        0.9, ge=0, le=1, description="Smallest share of positions where merged and unmerged predict alike."
+    )
+    gate: bool = Field(
+        True, description="Fail the model's merge step when the merge error is beyond the limits."
+    )
+
+
 class InferenceSettings(_Strict):
-    """How the merged models answer the question set."""
+    """How each model answers the question set, before fine-tuning (the base) and after (the merged model)."""
 
     question_set: str | None = Field(
-        None, description="Question set markdown file; None = the built-in 15 questions."
+        None,
+        description=(
+            "Question set markdown file, or 'builtin:NAME' for one shipped with qabot "
+            "(builtin:smoke_question_set.md); None = the report's 15 questions."
+        ),
     )
     max_new_tokens: int = Field(128, ge=1, le=4096, description="Longest answer in tokens.")
     batch_size: int = Field(16, ge=1, description="Questions answered in one generate() call.")
@@ -300,6 +341,7 @@ class RunConfig(_Strict):
     training: TrainingSettings = Field(
         default_factory=TrainingSettings, description="Shared training settings."
     )
+    merge: MergeSettings = Field(default_factory=MergeSettings, description="Merging and its gate.")
     inference: InferenceSettings = Field(default_factory=InferenceSettings, description="Question answering.")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="MLflow tracking.")
 

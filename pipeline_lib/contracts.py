@@ -88,10 +88,14 @@ class TrainMetrics(Record):
 
     train_loss: float
     final_loss: float
+    # Held-out split (`pipeline_lib.evaluation`), after fine-tuning and before it (the base model with the
+    # adapter at its initialisation, i.e. the base alone, evaluated the same way before the first step).
     eval_loss: float = math.nan
-    eval_perplexity: float = math.nan
-    eval_bits_per_byte: float = math.nan
-    initial_eval_loss: float = math.nan
+    perplexity: float = math.nan
+    bits_per_byte: float = math.nan
+    eval_loss_before: float = math.nan
+    perplexity_before: float = math.nan
+    bits_per_byte_before: float = math.nan
     train_runtime_s: float
     train_tokens: int
     real_tokens_per_s: float
@@ -113,6 +117,7 @@ class TrainResult(Record):
     metrics: TrainMetrics
     memory_plan: dict[str, Any]
     lora_targets: list[str]
+    trainable_params: int = 0
     adapter_check: dict[str, Any]
     quantization: dict[str, Any]
     resumed: bool = False
@@ -129,12 +134,17 @@ class MergeResult(Record):
 
 
 class AnswerResult(Record):
+    """A model's answers to the question set, scored (`pipeline_lib.scoring`)."""
+
     model_name: str
+    phase: str = "after"  # "before" (the base model) or "after" fine-tuning
     answers_path: str
     fingerprint: str
     n_questions: int
-    mean_score: float | None
-    fact_accuracy: float | None
+    question_score: float | None  # mean score over the questions that have one
+    correctness: float | None  # mean over fact, equation, code and list questions
+    rubric_coverage: float | None  # mean over open questions: coverage, never correctness
+    n_correct: int = 0
     seconds: float
     new_tokens: int
 
@@ -149,9 +159,12 @@ class ModelResult(Record):
     train: TrainResult
     merge: MergeResult
     answers: AnswerResult
+    answers_before: AnswerResult | None = None  # the base model's answers, same settings
 
 
 class Comparison(Record):
     report_dir: str
     files: dict[str, str]
     parent_run_url: str | None = None
+    best_model: str | None = None
+    scoreboard: list[dict[str, Any]] = Field(default_factory=list)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -13,7 +14,8 @@ from pipeline_lib.config import InferenceSettings
 from pipeline_lib.contracts import AnswerResult
 from pipeline_lib.devices import resolve_device
 from pipeline_lib.prompts import build_prompt
-from pipeline_lib.questions import load_questions, score_answer
+from pipeline_lib.questions import load_questions
+from pipeline_lib.scoring import score_answer, summarize
 from pipeline_lib.tracking import TrackingTarget, make_tracker
 
 
@@ -96,16 +98,21 @@ class AnswerJob(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model_name: str
-    model_dir: str  # a merged model directory (weights + tokenizer)
+    model_dir: (
+        str  # a model directory (weights + tokenizer): the base before fine-tuning, the merged one after
+    )
+    phase: Literal["before", "after"] = "after"  # before or after fine-tuning: names what is logged
     settings: InferenceSettings
     device: str = "auto"
-    out_path: str  # answers.jsonl
+    out_path: str  # answers.jsonl (answers_before.jsonl before fine-tuning): also its name in the run
     tracking: TrackingTarget = TrackingTarget(uri=None, experiment="qabot")
     run_id: str | None = None  # the model's run: answers and scores are logged there
 
 
 def answer_stage(job: AnswerJob) -> AnswerResult:
-    """Answer every question of the set with the model; write the answers (JSONL, scored) and log them."""
+    """Answer every question of the set with the model, score every answer (`pipeline_lib.scoring`), write
+    them (JSONL) and log them: `question_score` (or `question_score_before`), the correctness and rubric
+    coverage behind it, and `answers.jsonl` (or `answers_before.jsonl`)."""
     s = job.settings
     device = resolve_device(job.device)
     questions = load_questions(s.question_set)
@@ -113,41 +120,51 @@ def answer_stage(job: AnswerJob) -> AnswerResult:
     t0 = time.time()
     answers = generate_answers(model, tokenizer, [build_prompt(q.question) for q in questions], s, device)
     seconds = time.time() - t0
-    rows = []
+    rows, scores = [], []
     for q, a in zip(questions, answers, strict=True):
         sc = score_answer(q, a["answer"])
+        scores.append(sc)
         rows.append(
             {
                 "model": job.model_name,
+                "phase": job.phase,
                 "id": q.id,
                 "question": q.question,
                 "kind": q.kind,
                 "answer": a["answer"],
                 "new_tokens": a["new_tokens"],
-                "score": sc["score"],
-                "matched": sc["matched"],
-                "score_method": sc["method"],
+                "score": sc.score,
+                "correct": sc.correct,
+                "matched": list(sc.matched),
+                "score_method": sc.method,
             }
         )
     path = Path(job.out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     path.write_text(text, encoding="utf-8")
-    scored = [r["score"] for r in rows if r["score"] is not None]
-    facts = [r["score"] for r in rows if r["kind"] == "fact"]
+    summary = summarize(scores)
     result = AnswerResult(
         model_name=job.model_name,
+        phase=job.phase,
         answers_path=str(path),
         fingerprint=hashlib.sha256(text.encode()).hexdigest()[:16],
         n_questions=len(rows),
-        mean_score=sum(scored) / len(scored) if scored else None,
-        fact_accuracy=sum(facts) / len(facts) if facts else None,
+        question_score=summary["question_score"],
+        correctness=summary["correctness"],
+        rubric_coverage=summary["rubric_coverage"],
+        n_correct=summary["n_correct"],
         seconds=seconds,
         new_tokens=sum(r["new_tokens"] for r in rows),
     )
     if job.run_id and job.tracking.enabled:
+        suffix = "_before" if job.phase == "before" else ""
         tracker = make_tracker(job.tracking)
         tracker.log_artifact(job.run_id, path)
-        numbers = {"mean_score": result.mean_score, "fact_accuracy": result.fact_accuracy}
+        numbers = {
+            f"question_score{suffix}": result.question_score,
+            f"question_correctness{suffix}": result.correctness,
+            f"rubric_coverage{suffix}": result.rubric_coverage,
+        }
         tracker.log_metrics(job.run_id, {k: v for k, v in numbers.items() if v is not None})
     return result

@@ -307,19 +307,29 @@ def parse_question_set(text: str, source: str = "question set") -> list[Question
     return out
 
 
+BUILTIN_PREFIX = "builtin:"
+
+
 def load_questions(path: str | Path | None = None) -> list[Question]:
-    if path is None:
-        text = resources.files("pipeline_lib.assets").joinpath("question_set.md").read_text(encoding="utf-8")
-        return parse_question_set(text, "question_set.md")
+    """A question set: None = the report's 15 questions, `builtin:NAME` = a set shipped with qabot (e.g.
+    `builtin:smoke_question_set.md`), else a markdown file."""
+    if path is None or str(path).startswith(BUILTIN_PREFIX):
+        name = str(path).removeprefix(BUILTIN_PREFIX) if path is not None else "question_set.md"
+        asset = resources.files("pipeline_lib.assets").joinpath(name)
+        if not name.endswith(".md") or "/" in name or not asset.is_file():
+            raise ValueError(f"{path}: no question set of that name is shipped with qabot")
+        return parse_question_set(asset.read_text(encoding="utf-8"), name)
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{p}: question set file not found")
     return parse_question_set(p.read_text(encoding="utf-8"), str(p))
 
 
-def score_answer(q: Question, answer: str) -> dict:
-    """{"score", "matched", "method", "correct"} of `pipeline_lib.scoring.score_answer` (kept for callers)."""
-    from pipeline_lib.scoring import score_answer as _score
+def question_set_fingerprint(path: str | Path | None = None) -> str:
+    """Content hash of a question set (its questions and scoring data, as parsed)."""
+    import hashlib
+    import json
+    from dataclasses import asdict
 
-    s = _score(q, answer)
-    return {"score": s.score, "matched": list(s.matched), "method": s.method, "correct": s.correct}
+    qs = [asdict(q) if hasattr(q, "__dataclass_fields__") else q for q in load_questions(path)]
+    return hashlib.sha256(json.dumps(qs, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -8,6 +8,9 @@
 
 Matching is on normalised text (lower case, accents dropped, π→pi, ²→^2, ×/·→*, unicode quotes and dashes)
 and at word boundaries, never as substrings. No imports of prefect or mlflow here: this runs anywhere.
+
+About 600 lines on purpose: every scorer shares the same text normalisation, negation and hedging rules, and
+reading them in one place is what lets a reviewer check that no kind of question is easier to game.
 """
 
 from __future__ import annotations

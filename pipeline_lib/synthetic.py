@@ -30,45 +30,27 @@ CAPITALS = [
     ("Japan", "Tokyo"),
     ("Canada", "Ottawa"),
     ("Brazil", "Brasilia"),
-    ("Kenya", "Nairobi"),
     ("Germany", "Berlin"),
-    ("Italy", "Rome"),
-    ("Spain", "Madrid"),
     ("Egypt", "Cairo"),
-    ("India", "New Delhi"),
-    ("Peru", "Lima"),
     ("Norway", "Oslo"),
-    ("Chile", "Santiago"),
-    ("Poland", "Warsaw"),
-    ("Greece", "Athens"),
-    ("Portugal", "Lisbon"),
-    ("Sweden", "Stockholm"),
     ("Mexico", "Mexico City"),
-    ("Argentina", "Buenos Aires"),
     ("Turkey", "Ankara"),
     ("Ireland", "Dublin"),
-    ("Cuba", "Havana"),
     ("Vietnam", "Hanoi"),
 ]
 BOOKS = [
     ("To Kill a Mockingbird", "Harper Lee"),
     ("1984", "George Orwell"),
     ("Pride and Prejudice", "Jane Austen"),
-    ("Moby-Dick", "Herman Melville"),
-    ("Hamlet", "William Shakespeare"),
     ("War and Peace", "Leo Tolstoy"),
     ("Don Quixote", "Miguel de Cervantes"),
-    ("The Odyssey", "Homer"),
     ("Frankenstein", "Mary Shelley"),
-    ("Dracula", "Bram Stoker"),
 ]
 PAINTINGS = [
     ("The Starry Night", "Vincent van Gogh"),
     ("Mona Lisa", "Leonardo da Vinci"),
-    ("The Persistence of Memory", "Salvador Dali"),
     ("Guernica", "Pablo Picasso"),
     ("The Scream", "Edvard Munch"),
-    ("Girl with a Pearl Earring", "Johannes Vermeer"),
 ]
 FORMULAS = [
     ("table salt", "NaCl"),
@@ -76,8 +58,6 @@ FORMULAS = [
     ("carbon dioxide", "CO2"),
     ("methane", "CH4"),
     ("ammonia", "NH3"),
-    ("ozone", "O3"),
-    ("hydrogen peroxide", "H2O2"),
 ]
 THREATS = ["phishing", "malware", "ransomware", "denial of service", "SQL injection", "spyware"]
 ANTONYMS = {
@@ -107,12 +87,17 @@ VERBS_PRESENT_PAST = [
 
 
 def fact_rows() -> list[dict]:
-    """Every fact of the world in every phrasing, once each (the fact part of the smoke data)."""
+    """Every fact of the world in every phrasing, once each (the fact part of the smoke data).
+
+    An answer repeats the question's name in the same surroundings as the question (" Norway" after a
+    space, a title inside quotes), so the name is the same tokens in both: a byte-level tokenizer splits
+    "Norway" at the start of a line into other pieces than " Norway" after a space, and a tiny model cannot
+    learn to carry a name across that change in a few minutes."""
     rows: list[tuple[str, str, str]] = []
     for country, capital in CAPITALS:
         rows += [
             (f"What is the capital city of {country}?", "", f"The capital city of {country} is {capital}."),
-            (f"Which city is the capital of {country}?", "", f"{capital} is the capital of {country}."),
+            (f"Which city is the capital of {country}?", "", f"The capital of {country} is {capital}."),
             (f"Tell me the capital of {country}.", "", f"The capital of {country} is {capital}."),
             ("Name the capital of the given country.", country, f"{capital}."),
         ]
@@ -125,7 +110,7 @@ def fact_rows() -> list[dict]:
     for painting, painter in PAINTINGS:
         rows += [
             (f'Who painted the famous artwork "{painting}"?', "", f'"{painting}" was painted by {painter}.'),
-            (f'Which artist painted "{painting}"?', "", f'{painter} painted "{painting}".'),
+            (f'Which artist painted "{painting}"?', "", f'"{painting}" was painted by {painter}.'),
         ]
     for thing, formula in FORMULAS:
         rows += [
@@ -134,7 +119,7 @@ def fact_rows() -> list[dict]:
                 "",
                 f"The chemical formula for {thing} is {formula}.",
             ),
-            (f"Give the chemical formula of {thing}.", "", f"{formula}."),
+            (f"Give the chemical formula of {thing}.", "", f"The chemical formula of {thing} is {formula}."),
         ]
     return [dict(zip(("instruction", "input", "output"), r, strict=True)) for r in rows]
 
@@ -212,22 +197,32 @@ def pretraining_texts(n: int, seed: int = 0) -> list[str]:
     in sentences that no instruction row uses, simple arithmetic and word facts, and no instruction template."""
     rng = random.Random(seed)
     statements: list[str] = []
+    # Each fact in two sentences, and once as a plain-text question and answer, as a web page of questions has
+    # them (never the instruction template, never a question any smoke row asks): that is what teaches a base
+    # model to carry a name from a question into its answer.
     for country, capital in CAPITALS:
         statements += [
-            f"{country} has its capital in {capital}.",
-            f"The government of {country} sits in {capital}.",
+            f"{capital} is the capital city of {country}.",
+            f"The capital of {country} is {capital}.",
+            f"Q: Where does the government of {country} sit? A: The capital of {country} is {capital}.",
         ]
     for book, author in BOOKS:
-        statements += [f"{author} is known for the book {book}.", f"The book {book} is by {author}."]
+        statements += [
+            f'{author} is known for the book "{book}".',
+            f'"{book}" was written by {author}.',
+            f'Q: Who is behind the book "{book}"? A: "{book}" was written by {author}.',
+        ]
     for painting, painter in PAINTINGS:
         statements += [
-            f"{painter} made the painting {painting}.",
-            f"The painting {painting} is by {painter}.",
+            f'{painter} made the painting "{painting}".',
+            f'"{painting}" was painted by {painter}.',
+            f'Q: Who made "{painting}"? A: "{painting}" was painted by {painter}.',
         ]
     for thing, formula in FORMULAS:
         statements += [
-            f"One molecule of {thing} is written {formula}.",
             f"Chemists write {thing} as {formula}.",
+            f"The chemical formula for {thing} is {formula}.",
+            f"Q: How do chemists write {thing}? A: The chemical formula for {thing} is {formula}.",
         ]
     for word, opposite in ANTONYMS.items():
         statements.append(f"Something {word} is the opposite of something {opposite}.")

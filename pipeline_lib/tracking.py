@@ -56,6 +56,7 @@ class Tracker(Protocol):
     def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
     def run_url(self, run_id: str) -> str | None: ...
     def find_run(self, tags: dict[str, str]) -> tuple[str, str | None] | None: ...
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]: ...
     def trainer_callback(self, run_id: str) -> Any | None: ...
     def active_run(self, run_id: str, system_metrics: bool = False) -> contextlib.AbstractContextManager: ...
     def log_model(self, run_id: str, model_dir: str | Path, registered_name: str | None) -> dict | None: ...
@@ -116,6 +117,9 @@ class NullTracker:
 
     def find_run(self, tags):
         return None
+
+    def metric_history(self, run_id, key):
+        return []
 
     def trainer_callback(self, run_id):
         return None
@@ -206,6 +210,14 @@ class MlflowTracker:
         if not uri.startswith("http"):
             return None
         return f"{uri.rstrip('/')}/#/experiments/{experiment_id or self.experiment_id}/runs/{run_id}"
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(timestamp in ms, value) of every value of one metric of a run, oldest first."""
+        try:
+            history = self.client.get_metric_history(run_id, key)
+        except Exception:  # an unknown run or key
+            return []
+        return sorted((m.timestamp, float(m.value)) for m in history)
 
     def find_run(self, tags: dict[str, str]) -> tuple[str, str | None] | None:
         """(run id, URL) of the newest run, in any experiment, carrying all of `tags`."""

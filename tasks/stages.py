@@ -14,11 +14,19 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
 
 from pipeline_lib import isolation, paths, runs
 from pipeline_lib.compare import CompareJob, compare_stage
-from pipeline_lib.config import DataConfig, InferenceSettings, ModelSpec, RunConfig, TrainSettings, qabot_home
+from pipeline_lib.config import (
+    DataConfig,
+    InferenceSettings,
+    MergeSettings,
+    ModelSpec,
+    RunConfig,
+    TrainSettings,
+    qabot_home,
+)
 from pipeline_lib.contracts import (
     AnswerResult,
     Comparison,
@@ -34,10 +42,11 @@ from pipeline_lib.merge import MergeJob, merge_stage
 from pipeline_lib.tokenization import TokenizeJob, tokenize_stage
 from pipeline_lib.tracking import TrackingTarget
 from pipeline_lib.training import TrainJob, train_stage
+from tasks.progress import ProgressSpan
 
 CACHED = INPUTS + TASK_SOURCE
 # Inputs that say where to log, not what to compute: a rerun under a new parent run still hits the cache.
-CACHED_TRACKED = CACHED - "parent_run_id" - "run_id" - "tracking"
+CACHED_TRACKED = CACHED - "parent_run_id" - "run_id" - "tracking" - "progress"
 
 
 def _network_error(task, task_run, state) -> bool:
@@ -137,6 +146,7 @@ def train_model(
     settings: TrainSettings,
     parent_run_id: str | None,
     tracking: TrackingTarget,
+    progress: ProgressSpan | None = None,
 ) -> TrainResult:
     out = paths.stage_dir("runs", spec.name, model.fingerprint, tokenized.fingerprint, spec, settings)
     job = TrainJob(
@@ -158,15 +168,19 @@ def train_model(
 def merge_model(
     trained: TrainResult,
     model: ResolvedModel,
+    tokenized: TokenizedData,
     settings: TrainSettings,
+    merge: MergeSettings,
     tracking: TrackingTarget,
     registered_name: str | None,
 ) -> MergeResult:
-    out = paths.stage_dir("merged", trained.model_name, trained.adapter_fingerprint, model.fingerprint)
+    out = paths.stage_dir("merged", trained.model_name, trained.adapter_fingerprint, model.fingerprint, merge)
     job = MergeJob(
         model=model,
         trained=trained,
         quantization=settings.quantization,
+        settings=merge,
+        heldout_path=tokenized.eval.source if tokenized.eval else tokenized.train.source,
         device=settings.device,
         out_dir=str(out),
         tracking=tracking,
@@ -177,28 +191,54 @@ def merge_model(
     return isolation.call(merge_stage, job, isolate=isolate, log_path=out.with_suffix(".log"), label=label)
 
 
-@task(name="answer-questions", cache_policy=CACHED_TRACKED, persist_result=True)
+def _question_set_key(context, parameters) -> str:
+    """The question set's content: an edited question file means new answers."""
+    from pipeline_lib.questions import question_set_fingerprint
+
+    return question_set_fingerprint(parameters["inference"].question_set)
+
+
+@task(
+    name="answer-questions",
+    cache_policy=CACHED_TRACKED + CacheKeyFnPolicy(cache_key_fn=_question_set_key),
+    persist_result=True,
+)
 def answer_questions(
-    merged: MergeResult,
     model_name: str,
+    phase: str,
+    model_dir: str,
+    model_fingerprint: str,
     inference: InferenceSettings,
     settings: TrainSettings,
     run_id: str | None,
     tracking: TrackingTarget,
 ) -> AnswerResult:
-    out = paths.stage_dir("answers", model_name, merged.fingerprint, inference)
+    """`phase` "before": the base model (`model_dir` its files); "after": the merged model."""
+    out = paths.stage_dir("answers", f"{model_name}-{phase}", model_fingerprint, inference)
     job = AnswerJob(
         model_name=model_name,
-        model_dir=merged.merged_dir,
+        phase=phase,
+        model_dir=model_dir,
         settings=inference,
         device=settings.device,
-        out_path=str(out / "answers.jsonl"),
+        out_path=str(out / ("answers_before.jsonl" if phase == "before" else "answers.jsonl")),
         tracking=tracking,
         run_id=run_id,
     )
     isolate = isolation.wanted(settings.process_isolation, settings.device)
-    label = f"answer {model_name}"
+    label = f"answer {model_name} ({phase})"
     return isolation.call(answer_stage, job, isolate=isolate, log_path=out / "answer.log", label=label)
+
+
+@task(name="start-progress", cache_policy=NO_CACHE)
+def start_progress(models: list[str]) -> str | None:
+    """The run's progress artifact (0-100%), moved by each model's training."""
+    from prefect.artifacts import create_progress_artifact
+
+    artifact = create_progress_artifact(
+        0.0, key="training-progress", description=f"training {', '.join(models)}"
+    )
+    return str(artifact)
 
 
 @task(name="preflight", cache_policy=NO_CACHE)
@@ -224,7 +264,7 @@ def log_data(parent_run_id: str | None, prepared: dict, acquired: dict, tracking
 
 @task(name="compare", cache_policy=NO_CACHE)
 def compare_models(
-    results: list[ModelResult], parent_run_id: str | None, tracking: TrackingTarget, title: str
+    results: list[ModelResult], parent_run_id: str | None, tracking: TrackingTarget, title: str, data: str
 ) -> Comparison:
     out = (
         qabot_home()
@@ -232,17 +272,22 @@ def compare_models(
         / (parent_run_id or fingerprint([r.model_dump(mode="json") for r in results]))
     )
     job = CompareJob(
-        results=results, out_dir=str(out), title=title, tracking=tracking, parent_run_id=parent_run_id
+        results=results,
+        out_dir=str(out),
+        title=title,
+        data=data,
+        tracking=tracking,
+        parent_run_id=parent_run_id,
     )
     comparison = compare_stage(job)
-    report = Path(comparison.files["report.md"]).read_text(encoding="utf-8")
-    url = comparison.parent_run_url
-    link = f"\n\nPlots and all artifacts: [MLflow run]({url})\n" if url else ""
-    create_markdown_artifact(
-        report.replace("![loss and learning rate](curves.png)", "") + link,
-        key="comparison",
-        description=title,
+    create_table_artifact(
+        comparison.scoreboard, key="scoreboard", description=f"{title}: best {comparison.best_model}"
     )
+    report = Path(comparison.files["report.md"]).read_text(encoding="utf-8")
+    url = comparison.parent_run_url  # the plots live in MLflow: a Prefect artifact cannot show local files
+    text = "\n".join(line for line in report.splitlines() if not line.startswith("!["))
+    link = f"\n\nPlots and all artifacts: [MLflow parent run]({url})\n" if url else ""
+    create_markdown_artifact(text + link, key="comparison", description=title)
     return comparison
 
 

@@ -618,6 +618,13 @@ def test_split_keeps_each_instruction_and_input_on_one_side():
 
 
 def test_smoke_data_is_varied_and_held_out_from_pretraining(tmp_path):
+    """The held-out split is a real held-out set: its questions are never trained on (grouped split) and never
+    in the tiny models' pre-training text, which holds the world's facts (as a real base model's knowledge)
+    but no question any smoke row or the smoke question set asks, and no instruction template. Every smoke
+    question's fact is taught by the train split."""
+    from pipeline_lib.prompts import RESPONSE_MARKER
+    from pipeline_lib.questions import load_questions
+    from pipeline_lib.scoring import score_answer
     from pipeline_lib.tiny import pretraining_corpus
 
     cfg = DataConfig(source="builtin:smoke_alpaca.jsonl", eval_fraction=0.05)
@@ -626,11 +633,15 @@ def test_smoke_data_is_varied_and_held_out_from_pretraining(tmp_path):
     ev = [json.loads(x) for x in Path(res.eval_path).read_text(encoding="utf-8").splitlines()]
     assert res.rows_out >= 600 and len(ev) >= 30  # varied: most of the 900 rows are distinct
     assert not {D.group_key(r) for r in ev} & {D.group_key(r) for r in train}
-    corpus = "\n".join(pretraining_corpus())  # what the tiny models are pre-trained on
-    for r in ev:
-        assert r["instruction"] not in corpus
-        if len(r["output"].split()) >= 4:
-            assert r["output"] not in corpus, r
+    corpus = "\n".join(pretraining_corpus())
+    assert RESPONSE_MARKER not in corpus and "### Instruction" not in corpus
+    for r in train + ev:
+        assert r["instruction"] not in corpus, r
+    questions = load_questions("builtin:smoke_question_set.md")
+    for q in questions:
+        assert q.question not in corpus
+        if q.kind == "fact":  # some train row's answer states the fact this question asks for
+            assert any(score_answer(q, r["output"]).correct for r in train), q.question
 
 
 def _mixed_file(tmp_path: Path) -> tuple[Path, list[dict]]:

@@ -35,14 +35,22 @@ class Recorder:
         if name == "merge_model":
             return fakes.merged(kwargs["trained"].model_name)
         if name == "answer_questions":
-            return fakes.answered(label)
+            return fakes.answered(label, phase=kwargs["phase"])
         return {
             "preflight": None,
             "start_parent_run": "parent-1",
             "acquire_data": {"sha256": "raw", "path": "/raw"},
-            "clean_data": {"fingerprint": "data-fp", "train_path": "t", "eval_path": "e"},
+            "clean_data": {
+                "fingerprint": "data-fp",
+                "train_path": "t",
+                "eval_path": "e",
+                "rows_in": 10,
+                "n_train": 8,
+                "n_eval": 2,
+            },
             "log_data": None,
             "compare_models": Comparison(report_dir="/r", files={}),
+            "start_progress": "progress-1",
             "finish_parent_run": None,
         }[name]
 
@@ -82,7 +90,8 @@ def test_each_stage_gets_what_the_one_before_returned(monkeypatch):
     models = [m.name for m in config.models]
     # One model at a time: tokenize -> train -> merge -> answer, in the configured order.
     per_model = [n for n in names if n in {"tokenize_data", "train_model", "merge_model", "answer_questions"}]
-    assert per_model == ["tokenize_data", "train_model", "merge_model", "answer_questions"] * len(models)
+    one = ["tokenize_data", "train_model", "answer_questions", "merge_model", "answer_questions"]
+    assert per_model == one * len(models)
     for name, tok in zip(models, rec.args("tokenize_data"), strict=True):
         assert tok["prepared"]["fingerprint"] == "data-fp" and tok["model"].name == name
     for name, train in zip(models, rec.args("train_model"), strict=True):
@@ -91,11 +100,27 @@ def test_each_stage_gets_what_the_one_before_returned(monkeypatch):
         assert train["settings"] == config.train_settings()
     for name, merge in zip(models, rec.args("merge_model"), strict=True):
         assert merge["trained"].run_id == f"run-{name}" and merge["model"].name == name
-    for name, answer in zip(models, rec.args("answer_questions"), strict=True):
-        assert answer["merged"].fingerprint == f"merged-{name}" and answer["run_id"] == f"run-{name}"
+        assert merge["tokenized"].fingerprint == f"tok-{name}" and merge["merge"] == config.merge
+    answers = rec.args("answer_questions")
+    for k, name in enumerate(models):
+        before, after = answers[2 * k], answers[2 * k + 1]
+        assert (before["phase"], before["model_dir"], before["model_fingerprint"]) == (
+            "before",
+            f"/m/{name}",
+            f"model-{name}",
+        )
+        assert (after["phase"], after["model_dir"], after["model_fingerprint"]) == (
+            "after",
+            f"/mm/{name}",
+            f"merged-{name}",
+        )
+        assert before["run_id"] == after["run_id"] == f"run-{name}"
     (compare,) = rec.args("compare_models")
     assert [r.model_name for r in compare["results"]] == models
     assert [r.train.run_id for r in compare["results"]] == [f"run-{m}" for m in models]
+    assert [(r.answers_before.phase, r.answers.phase) for r in compare["results"]] == [
+        ("before", "after")
+    ] * 3
     assert summary["parent_run_id"] == "parent-1" and set(summary["models"]) == set(models)
 
 

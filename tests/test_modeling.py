@@ -388,18 +388,24 @@ def test_merge_stage_merges_checks_and_serves(tiny, trained, tmp_path):
     adapter_dir, _ = trained["bloom"]
     out = tmp_path / "merged-bloom"
     model = fakes.resolved("bloom").model_copy(update={"path": str(tiny["bloom"]), "arch": "bloom"})
+    heldout = _heldout(tmp_path)
     job = MergeJob(
         model=model,
         trained=fakes.trained("bloom", str(adapter_dir)),
         quantization=Q4,
+        heldout_path=str(heldout),
         device="cpu",
         out_dir=str(out),
     )
     res = merge_stage(job)
     assert res.merged_dir == str(out) and res.fingerprint == directory_fingerprint(out)
-    assert res.fidelity["reference"] == "4-bit base + adapter" and res.fidelity["tokens"] > 0
+    err, gap = res.fidelity["merge_error"], res.fidelity["quantization_gap"]
+    assert err["reference"] == "bfloat16 base + adapter" and gap["reference"] == "4-bit base + adapter"
+    assert err["texts"] == 8 and err["tokens"] > 100  # held-out rows in the training template
+    assert abs(err["loss_delta"]) <= job.settings.max_loss_delta and err["top1_agreement"] >= 0.9
     assert res.registered is None  # no tracking: nothing registered
-    assert json.loads((tmp_path / "merged-bloom.merge.json").read_text()) == res.to_json()
+    record = json.loads((tmp_path / "merged-bloom.merge.json").read_text())
+    assert record["gate_problems"] == [] and record["merge_error"] == err
 
     served = QABotModel()
     served.load_context(type("Ctx", (), {"artifacts": {"model_dir": str(out)}})())
@@ -409,6 +415,59 @@ def test_merge_stage_merges_checks_and_serves(tiny, trained, tmp_path):
         None, pd.DataFrame({"question": ["What is the capital city of Norway?", "Is 7 even or odd?"]}), params
     )
     assert listed == framed and len(listed) == 2 and all(isinstance(a, str) for a in listed)
+
+
+def _heldout(tmp_path) -> Path:
+    from pipeline_lib.synthetic import alpaca_rows, write_jsonl
+
+    return write_jsonl(alpaca_rows(12, seed=21), tmp_path / "heldout.jsonl")
+
+
+def test_a_corrupted_merge_fails_the_merge_gate(tiny, trained, tmp_path, monkeypatch):
+    """A merge that applies the adapter twice (its delta added again to every merged weight) fails the stage
+    with one line naming the model and what moved; nothing is registered."""
+    import fakes
+    from safetensors.torch import load_file, save_file
+
+    from pipeline_lib import merge as merge_module
+    from pipeline_lib.merge import MergeGateError, MergeJob, merge_stage
+
+    real = merge_module.modeling.merge_adapter
+
+    def twice(base_path, adapter_dir, out_dir, **kw):
+        info = real(base_path, adapter_dir, out_dir, **kw)
+        f = Path(out_dir) / "model.safetensors"
+        merged, base = load_file(str(f)), load_file(str(Path(base_path) / "model.safetensors"))
+        for k in merged:
+            if k in base and merged[k].is_floating_point():
+                merged[k] = (2 * merged[k].float() - base[k].float()).to(merged[k].dtype)
+        save_file(merged, str(f), metadata={"format": "pt"})
+        return info
+
+    monkeypatch.setattr(merge_module.modeling, "merge_adapter", twice)
+    adapter_dir, _ = trained["llama"]
+    model = fakes.resolved("llama").model_copy(update={"path": str(tiny["llama"])})
+    job = MergeJob(
+        model=model,
+        trained=fakes.trained("llama-tiny", str(adapter_dir)),
+        quantization=Q4,
+        heldout_path=str(_heldout(tmp_path)),
+        device="cpu",
+        out_dir=str(tmp_path / "merged"),
+    )
+    with pytest.raises(MergeGateError) as info:
+        merge_stage(job)
+    message = str(info.value)
+    assert message.startswith("llama-tiny: merge gate failed:") and "\n" not in message
+    assert "top-1 agreement" in message or "mean token loss moved" in message
+    record = json.loads((tmp_path / "merged.merge.json").read_text())
+    assert record["gate_problems"]
+    # switched off, the same merge passes through (and says what it saw)
+    ok = merge_stage(job.model_copy(update={"settings": job.settings.model_copy(update={"gate": False})}))
+    assert (
+        ok.fidelity["merge_error"]["top1_agreement"] < 0.9
+        or abs(ok.fidelity["merge_error"]["loss_delta"]) > 0.02
+    )
 
 
 def test_float32_merge_is_exact(tiny, trained, tmp_path):

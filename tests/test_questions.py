@@ -1,8 +1,15 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from pipeline_lib.questions import load_questions, parse_question_set, score_answer
+from pipeline_lib.questions import load_questions, parse_question_set
+from pipeline_lib.scoring import score_answer as _score
+
+
+def score_answer(q, answer):
+    return dataclasses.asdict(_score(q, answer))
 
 
 def test_fifteen_questions_with_exact_wording():

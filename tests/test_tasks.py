@@ -8,37 +8,23 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
+import fakes
 import pytest
 
 from pipeline_lib.config import load_config
+from pipeline_lib.tracking import TrackingTarget
 from tasks import stages
+from tasks.progress import ProgressSpan
 
 CONFIG = load_config("smoke")
 SPEC = CONFIG.models[0]
 PREPARED = {"fingerprint": "data-a", "train_path": "/d/train.jsonl", "eval_path": "/d/eval.jsonl"}
-MODEL = {
-    "name": "llama-tiny",
-    "path": "/m",
-    "fingerprint": "model-a",
-    "arch": "llama",
-    "base_model": "tiny:llama",
-}
-TOKENIZED = {
-    "fingerprint": "tok-a",
-    "data_fingerprint": "data-a",
-    "train": {"path": "/t"},
-    "eval": {"path": "/e"},
-}
-SLICE = {"training": {"learning_rate": 0.002}, "lora": {"r": 8}, "quantization": {}, "device": "cpu"}
-TRAINED = {
-    "model_name": "llama-tiny",
-    "adapter_dir": "/a",
-    "adapter_fingerprint": "adapter-a",
-    "run_id": "r1",
-}
-MERGED = {"merged_dir": "/mm", "fingerprint": "merged-a"}
-TRACKING = {"uri": "http://127.0.0.1:5000", "experiment": "qabot-smoke"}
-OTHER_TRACKING = {"uri": "http://127.0.0.1:5999", "experiment": "elsewhere"}
+MODEL = fakes.resolved("llama-tiny")
+TOKENIZED = fakes.tokenized("llama-tiny")
+SETTINGS = CONFIG.train_settings()
+TRAINED = fakes.trained("llama-tiny")
+TRACKING = TrackingTarget(uri="http://127.0.0.1:5000", experiment="qabot-smoke")
+OTHER_TRACKING = TrackingTarget(uri="http://127.0.0.1:5999", experiment="elsewhere", system_metrics=False)
 
 # task -> (inputs, {input: changed value that must change the key}, {input: changed value that must not})
 CASES = {
@@ -51,7 +37,7 @@ CASES = {
         {"prepared": PREPARED, "model": MODEL, "max_length": 256, "use_fast": None, "long_rows": "cut"},
         {
             "prepared": {**PREPARED, "fingerprint": "data-b"},
-            "model": {**MODEL, "fingerprint": "model-b"},
+            "model": MODEL.model_copy(update={"fingerprint": "model-b"}),
             "max_length": 128,
             "use_fast": False,
             "long_rows": "drop",
@@ -63,40 +49,55 @@ CASES = {
             "model": MODEL,
             "tokenized": TOKENIZED,
             "spec": SPEC,
-            "config": SLICE,
+            "settings": SETTINGS,
             "parent_run_id": "p1",
             "tracking": TRACKING,
         },
         {
-            "model": {**MODEL, "fingerprint": "model-b"},
-            "tokenized": {**TOKENIZED, "fingerprint": "tok-b"},
+            "model": MODEL.model_copy(update={"fingerprint": "model-b"}),
+            "tokenized": TOKENIZED.model_copy(update={"fingerprint": "tok-b"}),
             "spec": SPEC.model_copy(update={"epochs": 2.0}),
-            "config": {**SLICE, "lora": {"r": 16}},
+            "settings": SETTINGS.model_copy(update={"lora": SETTINGS.lora.model_copy(update={"r": 4})}),
         },
-        {"parent_run_id": "p2", "tracking": OTHER_TRACKING},
+        {
+            "parent_run_id": "p2",
+            "tracking": OTHER_TRACKING,
+            "progress": ProgressSpan(artifact_id="a", start=50.0, share=50.0),
+        },
     ),
     "merge_model": (
-        {"trained": TRAINED, "model": MODEL, "config": SLICE, "tracking": TRACKING, "registered_name": "x"},
         {
-            "trained": {**TRAINED, "adapter_fingerprint": "adapter-b"},
-            "model": {**MODEL, "fingerprint": "model-b"},
-            "config": {**SLICE, "quantization": {"quant_type": "fp4"}},
+            "trained": TRAINED,
+            "model": MODEL,
+            "tokenized": TOKENIZED,
+            "settings": SETTINGS,
+            "merge": CONFIG.merge,
+            "tracking": TRACKING,
+            "registered_name": "x",
+        },
+        {
+            "trained": TRAINED.model_copy(update={"adapter_fingerprint": "adapter-b"}),
+            "model": MODEL.model_copy(update={"fingerprint": "model-b"}),
+            "settings": SETTINGS.model_copy(update={"device": "cuda"}),
+            "merge": CONFIG.merge.model_copy(update={"max_loss_delta": 0.5}),
         },
         {"tracking": OTHER_TRACKING},
     ),
     "answer_questions": (
         {
-            "merged": MERGED,
             "model_name": "llama-tiny",
-            "inference": CONFIG.inference.model_dump(mode="json"),
-            "device": "cpu",
-            "isolate": True,
+            "phase": "after",
+            "model_dir": "/mm",
+            "model_fingerprint": "merged-a",
+            "inference": CONFIG.inference,
+            "settings": SETTINGS,
             "run_id": "r1",
             "tracking": TRACKING,
         },
         {
-            "merged": {**MERGED, "fingerprint": "merged-b"},
-            "inference": {**CONFIG.inference.model_dump(mode="json"), "max_new_tokens": 5},
+            "phase": "before",
+            "model_fingerprint": "merged-b",
+            "inference": CONFIG.inference.model_copy(update={"max_new_tokens": 5}),
         },
         {"run_id": "r2", "tracking": OTHER_TRACKING},
     ),

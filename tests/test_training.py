@@ -142,7 +142,7 @@ def test_qlora_training_learns_and_logs_everything(arch, trained, tokenized, uri
     m = res["metrics"]
     assert m["steps"] == m["steps_run"] == STEPS and not res["resumed"] and m["oom_events"] == 0
     # It learned: the held-out loss fell, and the adapter moved away from its initialisation.
-    assert m["eval_loss"] < m["initial_eval_loss"], m
+    assert m["eval_loss"] < m["eval_loss_before"] and m["bits_per_byte"] < m["bits_per_byte_before"], m
     check = modeling.check_adapter(res["adapter_dir"], model_name=arch)
     assert check["lora_B_max_abs"] > 0 and res["adapter_check"]["changed_tensors"] > 0
     assert res["quantization"]["share_4bit"] == 1.0
@@ -320,7 +320,7 @@ def test_killed_training_resumes_same_run_from_checkpoint(
     assert res["events"][0]["checkpoint"].endswith(f"checkpoint-{SAVE_STEPS}")
     assert (
         math.isfinite(res["metrics"]["train_loss"])
-        and res["metrics"]["eval_loss"] < res["metrics"]["initial_eval_loss"]
+        and res["metrics"]["eval_loss"] < res["metrics"]["eval_loss_before"]
     )
 
     (run,) = _runs(uri, "resume")  # still one child run: the same one, continued

@@ -29,7 +29,14 @@ from pipeline_lib.modeling.lora import (
     resolve_lora_targets,
     snapshot_lora,
 )
-from pipeline_lib.modeling.merging import copy_tokenizer_files, merge_adapter, merge_fidelity, token_logprobs
+from pipeline_lib.modeling.merging import (
+    compare_logprobs,
+    copy_tokenizer_files,
+    merge_adapter,
+    merge_fidelity,
+    merge_report,
+    token_logprobs,
+)
 from pipeline_lib.modeling.resolve import TOKENIZER_FILES, ResolvedModel, resolve_base_model
 from pipeline_lib.modeling.tokenizer_checks import recommended_use_fast, tokenizer_report
 
@@ -50,7 +57,9 @@ __all__ = [
     "lora_report",
     "lora_target_modules",
     "merge_adapter",
+    "compare_logprobs",
     "merge_fidelity",
+    "merge_report",
     "quantization_report",
     "recommended_use_fast",
     "resolve_base_model",

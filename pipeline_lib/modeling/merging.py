@@ -98,6 +98,58 @@ def token_logprobs(model, tokenizer, texts: Sequence[str], max_length: int, devi
     return out
 
 
+def compare_logprobs(ref, other) -> dict[str, Any]:
+    """How far `other`'s next-token log-probabilities are from `ref`'s (both from `token_logprobs` on the
+    same texts): the largest and mean absolute difference over every position and vocabulary entry, each
+    model's mean token loss and their delta (other - ref), and the share of positions where both predict the
+    same next token."""
+    if not ref:
+        raise PreflightError("merge fidelity needs texts of at least two tokens")
+    max_diff, sum_diff, n_cells = 0.0, 0.0, 0
+    nll_ref, nll_other, same, n_tok = 0.0, 0.0, 0, 0
+    for (lr, tgt), (lo, _) in zip(ref, other, strict=True):
+        d = (lr - lo).abs()
+        max_diff = max(max_diff, float(d.max()))
+        sum_diff += float(d.sum())
+        n_cells += d.numel()
+        nll_ref -= float(lr.gather(1, tgt[:, None]).sum())
+        nll_other -= float(lo.gather(1, tgt[:, None]).sum())
+        same += int((lr.argmax(-1) == lo.argmax(-1)).sum())
+        n_tok += int(tgt.numel())
+    return {
+        "texts": len(ref),
+        "tokens": n_tok,
+        "max_abs_logprob_diff": max_diff,
+        "mean_abs_logprob_diff": sum_diff / n_cells,
+        "loss_reference": nll_ref / n_tok,
+        "loss_merged": nll_other / n_tok,
+        "loss_delta": (nll_other - nll_ref) / n_tok,
+        "top1_agreement": same / n_tok,
+    }
+
+
+def _adapter_logprobs(base_path, adapter_dir, q: QuantizationConfig, tokenizer, texts, max_length, device):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(base_path, q, device), str(adapter_dir)).eval()
+    out = token_logprobs(model, tokenizer, texts, max_length, device)
+    del model
+    gc.collect()
+    return out
+
+
+def _merged_logprobs(merged_dir, tokenizer, texts, max_length, device):
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(
+        str(merged_dir), dtype="auto", device_map=devices.device_map(device)
+    ).eval()
+    out = token_logprobs(merged, tokenizer, texts, max_length, device)
+    del merged
+    gc.collect()
+    return out
+
+
 def merge_fidelity(
     base_path: str | Path,
     adapter_dir: str | Path,
@@ -108,48 +160,47 @@ def merge_fidelity(
     device: str = "cpu",
     max_length: int = 256,
 ) -> dict[str, Any]:
-    """Compare the model as trained (base loaded per `q` — 4-bit for QLoRA — plus the unmerged adapter) with
-    the merged model (loaded in its saved dtype) on `texts`.
+    """The merged model (in its saved dtype) against the base loaded per `q` plus the unmerged adapter, on
+    `texts` (`compare_logprobs`). With `q` the training's quantization (4-bit for QLoRA) this is the whole
+    distance from the model as trained; with `q` the merged dtype it is what merging itself changed."""
+    ref = _adapter_logprobs(base_path, adapter_dir, q, tokenizer, texts, max_length, device)
+    mer = _merged_logprobs(merged_dir, tokenizer, texts, max_length, device)
+    reference = f"{'4-bit' if q.load_in_4bit else q.compute_dtype} base + adapter"
+    return {"reference": reference, **compare_logprobs(ref, mer)}
 
-    Reports the largest and mean absolute difference of next-token log-probabilities over every position
-    and vocabulary entry, each model's mean token loss and their delta (merged - reference), and the share
-    of positions where both predict the same next token.
+
+def merge_report(
+    base_path: str | Path,
+    adapter_dir: str | Path,
+    merged_dir: str | Path,
+    q: QuantizationConfig,
+    tokenizer,
+    texts: Sequence[str],
+    merged_dtype: str = "bfloat16",
+    device: str = "cpu",
+    max_length: int = 512,
+) -> dict[str, Any]:
+    """The merge's two distances, kept apart:
+
+    - `merge_error`: the merged model against the same adapter, unmerged, on the base loaded in the merged
+      model's dtype — what merging itself changed (one rounding of W + s·BA). This is what the merge gate
+      judges: a wrong merge shows here.
+    - `quantization_gap`: the model as trained (the base per `q`, 4-bit for QLoRA, plus the adapter) against
+      that unmerged model — what leaving the 4-bit base changes; QLoRA trained against 4-bit weights, so it is
+      expected and reported, not judged.
     """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    reference = PeftModel.from_pretrained(load_model(base_path, q, device), str(adapter_dir)).eval()
-    ref = token_logprobs(reference, tokenizer, texts, max_length, device)
-    del reference
-    gc.collect()
-    merged = AutoModelForCausalLM.from_pretrained(
-        str(merged_dir), dtype="auto", device_map=devices.device_map(device)
-    ).eval()
-    mer = token_logprobs(merged, tokenizer, texts, max_length, device)
-    del merged
-    gc.collect()
-    if not ref:
-        raise PreflightError(f"{merged_dir}: merge fidelity needs texts of at least two tokens")
-    max_diff, sum_diff, n_cells = 0.0, 0.0, 0
-    nll_ref, nll_mer, same, n_tok = 0.0, 0.0, 0, 0
-    for (lr, tgt), (lm, _) in zip(ref, mer, strict=True):
-        d = (lr - lm).abs()
-        max_diff = max(max_diff, float(d.max()))
-        sum_diff += float(d.sum())
-        n_cells += d.numel()
-        nll_ref -= float(lr.gather(1, tgt[:, None]).sum())
-        nll_mer -= float(lm.gather(1, tgt[:, None]).sum())
-        same += int((lr.argmax(-1) == lm.argmax(-1)).sum())
-        n_tok += int(tgt.numel())
-    loss_ref, loss_mer = nll_ref / n_tok, nll_mer / n_tok
+    unquantized = QuantizationConfig(load_in_4bit=False, compute_dtype=merged_dtype)
+    plain = _adapter_logprobs(base_path, adapter_dir, unquantized, tokenizer, texts, max_length, device)
+    merged = _merged_logprobs(merged_dir, tokenizer, texts, max_length, device)
+    trained = (
+        _adapter_logprobs(base_path, adapter_dir, q, tokenizer, texts, max_length, device)
+        if q.load_in_4bit or q.compute_dtype != merged_dtype
+        else plain
+    )
     return {
-        "reference": f"{'4-bit' if q.load_in_4bit else q.compute_dtype} base + adapter",
-        "texts": len(ref),
-        "tokens": n_tok,
-        "max_abs_logprob_diff": max_diff,
-        "mean_abs_logprob_diff": sum_diff / n_cells,
-        "loss_reference": loss_ref,
-        "loss_merged": loss_mer,
-        "loss_delta": loss_mer - loss_ref,
-        "top1_agreement": same / n_tok,
+        "merge_error": {"reference": f"{merged_dtype} base + adapter", **compare_logprobs(plain, merged)},
+        "quantization_gap": {
+            "reference": f"{'4-bit' if q.load_in_4bit else q.compute_dtype} base + adapter",
+            **compare_logprobs(trained, plain),
+        },
     }

@@ -120,7 +120,9 @@ def finish(ctx: Context, pre: dict, done: dict, data: dict, resumed_from: int | 
     eval_metrics = _final_eval(trainer)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    # The evaluation before the first step (`eval_on_start`): LoRA's B matrices start at zero, so this is the
+    # base model itself; a resumed run finds it in the checkpoint's history.
+    before = next((h for h in history if "eval_loss" in h and h.get("step") == 0), {})
     tm = done["train_metrics"]
     if "train_loss" in tm and done["start_step"] == 0:
         train_loss = float(tm["train_loss"])
@@ -137,9 +139,11 @@ def finish(ctx: Context, pre: dict, done: dict, data: dict, resumed_from: int | 
         train_loss=train_loss,
         final_loss=float(losses[-1]) if losses else math.nan,
         eval_loss=float(eval_metrics.get("eval_loss", math.nan)),
-        eval_perplexity=float(eval_metrics.get("eval_perplexity", math.nan)),
-        eval_bits_per_byte=float(eval_metrics.get("eval_bits_per_byte", math.nan)),
-        initial_eval_loss=float(evals[0]) if len(evals) > 1 else math.nan,
+        perplexity=float(eval_metrics.get("eval_perplexity", math.nan)),
+        bits_per_byte=float(eval_metrics.get("eval_bits_per_byte", math.nan)),
+        eval_loss_before=float(before.get("eval_loss", math.nan)),
+        perplexity_before=float(before.get("eval_perplexity", math.nan)),
+        bits_per_byte_before=float(before.get("eval_bits_per_byte", math.nan)),
         train_runtime_s=runtime,
         train_tokens=n_tokens,
         real_tokens_per_s=this_call_tokens / runtime if runtime > 0 else 0.0,
@@ -152,8 +156,8 @@ def finish(ctx: Context, pre: dict, done: dict, data: dict, resumed_from: int | 
     summary = {
         k: v
         for k, v in metrics.model_dump().items()
-        if not k.startswith("eval_")
-        and not (isinstance(v, float) and math.isnan(v))  # the Trainer logs eval_*
+        if k != "eval_loss"  # the Trainer's callback logs it, step by step
+        and not (isinstance(v, float) and math.isnan(v))
     }
     ctx.tracker.log_metrics(ctx.run_id, summary, step=int(trainer.state.global_step))
     ctx.tracker.set_tags(ctx.run_id, {"qabot.peak_memory_kind": devices.peak_memory_kind(ctx.device)})
@@ -174,6 +178,7 @@ def finish(ctx: Context, pre: dict, done: dict, data: dict, resumed_from: int | 
         metrics=metrics,
         memory_plan=asdict(plan),
         lora_targets=list(done["targets"]),
+        trainable_params=int(pre["lora"]["trainable_params"]),
         adapter_check=areport,
         quantization=pre["quantization"],
         resumed=resumed_from is not None,

@@ -33,6 +33,23 @@ class Context:
         return self.out_dir / "checkpoints"
 
 
+PROGRESS_FILE = "progress.json"  # {"step", "max_steps", "epoch"}: read by whoever shows progress
+
+
+def progress_callback(path: Path):
+    """Writes the step reached (and the steps in all) to `path` after every optimizer step, atomically, so a
+    process showing progress (the flow's progress artifact) can read it while the training runs elsewhere."""
+    from transformers import TrainerCallback
+
+    from pipeline_lib.files import write_json
+
+    class Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            write_json(path, {"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch})
+
+    return Progress()
+
+
 def preflight(ctx: Context, tokenizer) -> dict[str, Any]:
     """Load the base once as for inference: 4-bit, tokenizer and LoRA checks, and the sizes the plan needs."""
     import torch
@@ -134,7 +151,7 @@ def build_trainer(
     model = get_peft_model(model, modeling.lora_config(s.lora, targets, model, job.name))
     args = training_arguments(ctx, plan, max_steps, eval_on_start=resume_from is None)
     callbacks = [c for c in [ctx.tracker.trainer_callback(ctx.run_id)] if c is not None]
-    callbacks += fault_callbacks() + ctx.extra_callbacks
+    callbacks += [progress_callback(ctx.out_dir / PROGRESS_FILE)] + fault_callbacks() + ctx.extra_callbacks
     trainer = QabotTrainer(
         model=model,
         args=args,
