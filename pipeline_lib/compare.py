@@ -77,7 +77,7 @@ def scoreboard(results: list[ModelResult], system: dict[str, dict[str, list]] | 
                 "base_model": r.base_model,
                 "params_m": q.get("params", 0) / 1e6 if q.get("params") else None,
                 "trainable_params": r.train.trainable_params,
-                "footprint_4bit_gib": q.get("footprint_bytes", 0) / 1024**3,
+                "footprint_4bit_mib": q.get("footprint_bytes", 0) / 1024**2,
                 "peak_memory_gib": m.peak_memory_gib,
                 "train_time_s": m.train_runtime_s,
                 "real_tokens_per_s": m.real_tokens_per_s,
@@ -223,8 +223,8 @@ def report_markdown(
             r.model.arch,
             _fmt(b["params_m"], 1),
             _fmt(b["trainable_params"], 0),
-            _fmt(b["footprint_4bit_gib"]),
-            r.train.memory_plan.get("effective_batch") or r.train.memory_plan.get("micro_batch"),
+            _fmt(b["footprint_4bit_mib"], 1),
+            r.train.memory_plan.get("micro_batch", 0) * r.train.memory_plan.get("grad_accum", 0) or None,
             b["steps"],
         ]
         for r, (_, b) in zip(results, board.iterrows(), strict=True)

@@ -59,8 +59,13 @@ def check_run(config: RunConfig, timeout: float = 5.0) -> list[str]:
         if p:
             problems.append(p)
     qs = config.inference.question_set
-    if qs and not Path(qs).is_file():
-        problems.append(f"inference.question_set: {qs}: file not found")
+    if qs:
+        from pipeline_lib.questions import load_questions
+
+        try:
+            load_questions(qs)
+        except ValueError as err:
+            problems.append(f"inference.question_set: {err}")
     if config.device == "cuda":
         import torch
 

@@ -25,6 +25,7 @@ builders wait on a lock; a build is moved into place only when complete.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -190,6 +191,7 @@ def build_tiny_model(
     return out_dir
 
 
+@functools.cache
 def recipe_hash(arch: str) -> str:
     """Identity of everything that decides a tiny model's files: sizes, steps, corpora, special tokens, versions."""
     import torch

@@ -24,6 +24,10 @@ import pytest
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = {"acquire-data", "clean-data", "tokenize", "train", "merge", "answer-questions"}
+EIGHT = (
+    "eval_loss_before", "eval_loss", "perplexity_before", "perplexity", "bits_per_byte_before", "bits_per_byte",
+    "question_score_before", "question_score",
+)  # fmt: skip
 
 
 def _qabot(env, *args, timeout=900):
@@ -94,23 +98,35 @@ def test_smoke_pipeline_end_to_end(stack, tmp_path):
         assert client.get_metric_history(rid, "learning_rate")
         assert c.data.metrics["preflight.share_4bit"] == 1.0
         assert c.data.metrics["preflight.footprint_gib"] < c.data.metrics["preflight.bf16_footprint_gib"]
-        assert "eval_loss" in c.data.metrics
+        for key in EIGHT:  # the held-out metrics and the question score, before and after fine-tuning
+            assert key in c.data.metrics, (key, sorted(c.data.metrics))
         assert any(k.startswith("system/") for k in c.data.metrics), "MLflow system metrics"
         for p in ("base_model", "dataset_fingerprint", "lora.r", "quant.quant_type", "epochs", "batch_size"):
             assert p in c.data.params, p
         arts = {a.path for a in client.list_artifacts(rid)}
-        assert {"adapter", "preflight.json", "answers.jsonl"} <= arts, arts
+        assert {"adapter", "preflight.json", "answers.jsonl", "answers_before.jsonl", "merge.json"} <= arts, (
+            arts
+        )
         versions = client.search_model_versions(f"run_id = '{rid}'")
         assert versions, "merged model registered"
     parent_arts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
-    assert {"comparison/answers.csv", "comparison/curves.png", "comparison/report.md"} <= parent_arts
-    answers = Path(summary["report_dir"]) / "answers.csv"
+    expected = {"scoreboard.csv", "scoreboard.json", "answers.csv", "answers.json", "report.md"}
+    expected |= {"curves.png", "heldout.png", "system.png", "speed.png"}
+    assert {f"comparison/{name}" for name in expected} <= parent_arts, parent_arts
     import pandas as pd
 
-    table = pd.read_csv(answers)
-    assert len(table) == 15
-    for model in ("llama-tiny", "bloom-tiny", "falcon-tiny"):
-        assert table[model].notna().all(), model
+    table = pd.read_csv(Path(summary["report_dir"]) / "answers.csv")
+    assert len(table) == 12 * 3 and table["answer_after"].notna().all()  # the smoke questions x 3 models
+    # The report's figures are the child runs' own.
+    board = pd.read_csv(Path(summary["report_dir"]) / "scoreboard.csv").set_index("model")
+    for c in children:
+        row = board.loc[c.info.run_name]
+        for key in ("bits_per_byte", "bits_per_byte_before", "question_score", "question_score_before"):
+            assert row[key] == pytest.approx(c.data.metrics[key]), (c.info.run_name, key)
+        # and the parent run carries each model's headline metrics, so the runs table compares them
+        assert parent.data.metrics[f"{c.info.run_name}.question_score"] == pytest.approx(
+            row["question_score"]
+        )
 
     states = _task_states(stack["home"], summary["flow_run_id"])
     assert HEAVY <= set(states), states
