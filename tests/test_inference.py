@@ -81,3 +81,29 @@ def test_generation_is_deterministic(tiny_models):
     assert [a["answer"] for a in generate_answers(model, tok, PROMPTS, settings, "cpu")] == [
         a["answer"] for a in first
     ]
+
+
+def test_the_answer_stage_gives_identical_answers_and_scores_twice(tiny_models, tmp_path):
+    """Greedy answers of the same model to the same questions, scored: byte-identical files, same summary."""
+    from pipeline_lib.inference import AnswerJob, answer_stage
+
+    settings = InferenceSettings(question_set="builtin:smoke_question_set.md", max_new_tokens=10)
+    runs = [
+        answer_stage(
+            AnswerJob(
+                model_name="llama-tiny",
+                model_dir=tiny_models["llama"],
+                phase="before",
+                settings=settings,
+                device="cpu",
+                out_path=str(tmp_path / f"{k}" / "answers_before.jsonl"),
+            )
+        )
+        for k in range(2)
+    ]
+    first, second = ((tmp_path / f"{k}" / "answers_before.jsonl").read_bytes() for k in range(2))
+    assert first == second and runs[0].fingerprint == runs[1].fingerprint
+    assert runs[0].model_dump(exclude={"answers_path", "seconds"}) == runs[1].model_dump(
+        exclude={"answers_path", "seconds"}
+    )
+    assert runs[0].n_questions == 12 and runs[0].phase == "before"

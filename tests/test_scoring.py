@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_lib import questions as questions_mod
 from pipeline_lib.questions import load_questions, parse_question_set
 from pipeline_lib.sandbox import extract_code, pick_function, run_tests
 from pipeline_lib.scoring import Score, score_answer, score_file, solution_values, summarize
@@ -407,15 +406,6 @@ def test_a_smoke_world_question_set_scores_with_the_same_scorers():
     assert score_answer(q1, "Oslo.").correct is True
     assert score_answer(q1, "Bergen, not Oslo.").correct is False
     assert score_answer(q2, "It is Tokyo.").correct is True  # table only: the reference is the accepted form
-
-
-def test_old_score_answer_still_returns_a_dict(qs):
-    assert questions_mod.score_answer(qs[1], "Canberra") == {
-        "score": 1.0,
-        "matched": ["Canberra"],
-        "method": "fact",
-        "correct": True,
-    }
 
 
 def test_scoring_does_not_import_prefect_or_mlflow():
