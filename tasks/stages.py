@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
 
-from pipeline_lib import isolation, paths, runs
+from pipeline_lib import isolation, paths, runs, training
 from pipeline_lib.compare import CompareJob, compare_stage
 from pipeline_lib.config import (
     DataConfig,
@@ -41,7 +41,7 @@ from pipeline_lib.inference import AnswerJob, answer_stage
 from pipeline_lib.merge import MergeJob, merge_stage
 from pipeline_lib.tokenization import TokenizeJob, tokenize_stage
 from pipeline_lib.tracking import TrackingTarget
-from pipeline_lib.training import TrainJob, train_stage
+from pipeline_lib.training import TrainJob
 from tasks.progress import ProgressSpan
 
 CACHED = INPUTS + TASK_SOURCE
@@ -160,7 +160,7 @@ def train_model(
     )
     isolate = isolation.wanted(settings.process_isolation, settings.device)
     return isolation.call(
-        train_stage, job, isolate=isolate, log_path=out / "train.log", label=f"train {spec.name}"
+        training.train_stage, job, isolate=isolate, log_path=out / "train.log", label=f"train {spec.name}"
     )
 
 

@@ -86,6 +86,17 @@ def test_library_does_not_import_prefect():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+def test_the_flow_module_imports_without_torch():
+    """Registering deployments (`prefect deploy` imports the flow) and a cached rerun never pay for torch,
+    transformers, peft or bitsandbytes: they load when a stage first runs."""
+    code = (
+        "import sys\nimport flows.finetune_compare\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft', 'bitsandbytes'}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", (proc.stdout, proc.stderr[-2000:])
+
+
 def test_no_import_cycles_in_the_library():
     graph = _graph()
     state: dict[str, int] = {}
