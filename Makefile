@@ -24,11 +24,15 @@ install: $(BIN)/qabot
 demo: install
 	$(BIN)/qabot demo
 
+# Two xdist workers (one per core, one thread each; tests/conftest.py keeps the shared service stack and
+# each expensive fixture on one worker). TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: install
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

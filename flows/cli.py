@@ -142,6 +142,9 @@ def cmd_run(args) -> int:
     t0 = time.time()
     summary = finetune_compare(config=cfg)
     print(json.dumps({"seconds": round(time.time() - t0, 1), **summary}, indent=2, default=str))
+    from flows.watch import summarize
+
+    print("\n".join(["Summary:", *summarize(summary["report_dir"])]))
     _print_urls(summary)
     return 0
 
@@ -175,13 +178,20 @@ def cmd_demo(args) -> int:
     params = None
     if args.profile != "smoke" or args.config:
         params = {"config": _load(args).model_dump(mode="json")}
-    fr = run_deployment(f"finetune-compare/{args.deployment}", parameters=params, timeout=args.timeout)
+    from flows.watch import summarize, watch
+
+    fr = run_deployment(f"finetune-compare/{args.deployment}", parameters=params, timeout=0)
     flow_url = f"{st['prefect_url']}/runs/flow-run/{fr.id}"
+    print(f"Prefect flow run: {flow_url}  (submitted; the worker starts it)", flush=True)
+    fr = watch(str(fr.id), timeout=args.timeout, out=lambda line: print(line, flush=True))
     if not fr.state or not fr.state.is_completed():
-        print(f"Prefect flow run: {flow_url}")
         msg = fr.state.message if fr.state else "no state"
-        return _fail(f"flow run {fr.name} ended {fr.state.name if fr.state else 'unknown'}: {msg}")
+        state = fr.state.name if fr.state else "unknown"
+        if args.timeout is not None and not (fr.state and fr.state.is_final()):
+            return _fail(f"flow run {fr.name} still {state} after --timeout {args.timeout:g} s: {flow_url}")
+        return _fail(f"flow run {fr.name} ended {state}: {msg}")
     summary = _find_summary(str(fr.id), st)
+    print("\n".join(["Summary:", *summarize(summary["report_dir"])]))
     _print_urls(summary, flow_url)
     return 0
 

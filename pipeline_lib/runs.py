@@ -13,13 +13,16 @@ from pipeline_lib.files import fingerprint
 from pipeline_lib.tracking import TrackingTarget, make_tracker
 
 
-def start_parent_run(config: RunConfig, tracking: TrackingTarget, flow_run_id: str | None) -> str | None:
-    """A new parent run with the config (params, tags and `config.json`); None when nothing is tracked."""
+def start_parent_run(
+    config: RunConfig, tracking: TrackingTarget, flow_run_id: str | None, flow_run_name: str | None = None
+) -> str | None:
+    """A new parent run with the config (params, tags and `config.json`); None when nothing is tracked. It is
+    named `<config name> · <flow-run name>` (Prefect's name for the run), so reruns can be told apart."""
     if not tracking.enabled:
         return None
     tracker = make_tracker(tracking)
     run_id = tracker.start_run(
-        config.name,
+        f"{config.name} · {flow_run_name}" if flow_run_name else config.name,
         tags={
             "qabot.profile": config.profile,
             "qabot.flow_run_id": flow_run_id,

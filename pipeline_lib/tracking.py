@@ -21,6 +21,9 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict
 
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment in its GenAI view unless told it holds model training runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
 SERVING_CODE = Path(__file__).with_name("serving.py")  # the pyfunc model's code (models-from-code)
 LIBRARY_DIR = Path(__file__).parent  # attached to logged models, so they load outside this environment
 
@@ -141,13 +144,17 @@ class MlflowTracker:
         self.client = MlflowClient(tracking_uri=target.uri)
         exp = self.client.get_experiment_by_name(target.experiment)
         self.experiment_id = exp.experiment_id if exp else self._create_experiment(target)
+        if exp is not None and exp.tags.get(EXPERIMENT_KIND_TAG) is None:
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
 
     def _create_experiment(self, target: TrackingTarget) -> str:
         location = None
         if target.uri and target.uri.startswith("sqlite:///"):
             # a local database without a server: artifacts beside it, not in ./mlruns of whatever cwd
             location = (Path(target.uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
-        return self.client.create_experiment(target.experiment, artifact_location=location)
+        return self.client.create_experiment(
+            target.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}
+        )
 
     def start_run(self, name: str, *, parent_id: str | None = None, tags: dict | None = None) -> str:
         tags = {k: str(v) for k, v in (tags or {}).items()}

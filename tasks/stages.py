@@ -15,6 +15,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
+from prefect.runtime import flow_run as prefect_flow_run
 
 from pipeline_lib import isolation, paths, runs, training
 from pipeline_lib.compare import CompareJob, compare_stage
@@ -250,7 +251,7 @@ def preflight(config: RunConfig) -> None:
 
 @task(name="start-parent-run", cache_policy=NO_CACHE)
 def start_parent_run(config: RunConfig, tracking: TrackingTarget, flow_run_id: str | None) -> str | None:
-    run_id = runs.start_parent_run(config, tracking, flow_run_id)
+    run_id = runs.start_parent_run(config, tracking, flow_run_id, prefect_flow_run.get_name())
     url = runs.run_url(tracking, run_id)
     if url:
         get_run_logger().info("MLflow parent run: %s", url)

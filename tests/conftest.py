@@ -13,24 +13,53 @@ os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "FALSE")
 ARCHS = ("llama", "bloom", "falcon")
 
 
+# Under pytest-xdist (`make test` runs two workers, one per core), each worker computes with one thread: two
+# small-matrix workloads side by side go further than one using both cores.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if WORKER:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Module fixtures that train or rebuild models: the tests using one stay on one worker, so it is computed once.
+EXPENSIVE_MODULE_FIXTURES = ("trained", "sharp_models", "llama_train_set")
+
+
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, str]:
     """{arch: path} of tiny Llama, Bloom and Falcon models with their tokenizers, from the shared tiny-model
-    cache (built once per recipe, reused by later sessions and by `make demo`)."""
+    cache (built once per recipe, reused by later sessions and by `make demo`). Each xdist worker asks in
+    another order, so on a fresh machine two workers build two models at once (the cache locks per model)."""
     from pipeline_lib.tiny import materialize_tiny
 
-    return {arch: str(materialize_tiny(f"tiny:{arch}")[0]) for arch in ARCHS}
+    shift = int(WORKER.removeprefix("gw") or 0) if WORKER.startswith("gw") else 0
+    order = ARCHS[shift % len(ARCHS) :] + ARCHS[: shift % len(ARCHS)]
+    paths = {arch: str(materialize_tiny(f"tiny:{arch}")[0]) for arch in order}
+    return {arch: paths[arch] for arch in ARCHS}
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    """Skip `gpu` tests without a GPU; group tests for xdist's `--dist loadgroup`: every test of the shared
+    service stack on one worker (one stack per run), and the tests of an expensive module fixture together.
+    The stack's tests go first: they are the longest chain."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    if WORKER:
+        torch.set_num_threads(1)
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        names = item.fixturenames
+        if "stack" in names:
+            item.add_marker(pytest.mark.xdist_group("stack"))
+            continue
+        for fixture in EXPENSIVE_MODULE_FIXTURES:
+            if fixture in names:
+                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{fixture}"))
+                break
+    items.sort(key=lambda item: "stack" not in item.fixturenames)
 
 
 @pytest.fixture(scope="session")

@@ -215,3 +215,24 @@ def test_concurrent_data_prepare_into_one_out_all_succeed(tmp_path):
     assert sorted(lines["train"] + lines["eval"]) == sorted(lines["clean"])
     src = next(s for s in sources if str(s) == audit["source"])
     assert audit["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+def test_demo_progress_lines_and_summary(tmp_path):
+    from flows.watch import progress_bar, stage_line, summarize
+
+    assert progress_bar(50, "llama-tiny: 100% of its steps") == (
+        "  training [############------------]  50%  llama-tiny: 100% of its steps"
+    )
+    assert progress_bar(140).count("#") == 24 and progress_bar(-3).count("#") == 0
+    assert stage_line("train", "Cached", 0.04) == "  ✓ train                  Cached         0.0 s"
+    assert stage_line("merge", "Failed", None).startswith("  ✗ merge")
+    (tmp_path / "scoreboard.csv").write_text(
+        "model,train_time_s,bits_per_byte_before,bits_per_byte,question_score_before,question_score\n"
+        "llama-tiny,14.2,3.4163,1.2771,0.0,0.3333\nbloom-tiny,26.2,4.5,,0,0\n"
+    )
+    (tmp_path / "report.md").write_text("# r\n\nBest model: **llama-tiny** — rule: highest question score\n")
+    lines = summarize(tmp_path)
+    assert lines[1].split() == ["llama-tiny", "14", "s", "3.416", "→", "1.277", "0.00", "→", "0.33"]
+    assert lines[2].split()[5] == "–"  # a missing value is shown as missing, not as 0
+    assert lines[-1] == "  Best model: llama-tiny"
+    assert summarize(tmp_path / "nowhere") == [f"(no scoreboard in {tmp_path / 'nowhere'})"]

@@ -86,6 +86,13 @@ def test_smoke_pipeline_end_to_end(stack, tmp_path):
     client = MlflowClient(tracking_uri=st["mlflow_url"])
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED"
+    # named after the Prefect flow run (reruns can be told apart), in an experiment the UI opens as training
+    assert parent.info.run_name.startswith("e2e · ") and len(parent.info.run_name) > len("e2e · "), (
+        parent.info
+    )
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
@@ -138,6 +145,10 @@ def test_smoke_pipeline_end_to_end(stack, tmp_path):
         "Prefect flow run: http://127.0.0.1" in proc.stdout
         and "MLflow parent run: http://127.0.0.1" in proc.stdout
     )
+    # the run's URL comes first, then each stage as it ends, then the summary per model
+    out = proc.stdout
+    assert out.index("(submitted; the worker starts it)") < out.index("✓ train") < out.index("Summary:")
+    assert all(f"  {m}" in out[out.index("Summary:") :] for m in ("llama-tiny", "bloom-tiny", "falcon-tiny"))
     flow_run_id = proc.stdout.split("/runs/flow-run/")[1].split()[0]
     states = _task_states(stack["home"], flow_run_id)
     for name in HEAVY:
@@ -165,7 +176,9 @@ def test_smoke_pipeline_end_to_end(stack, tmp_path):
     for name in ("acquire-data", "clean-data", "tokenize", "train", "merge"):
         assert states.get(name) == ["Completed"], (name, states.get(name))
     # the fine-tuned model answers again; the base model's answers do not depend on the data and stay cached
-    assert sorted(states.get("answer-questions", [])) == ["Cached", "Completed"], states.get("answer-questions")
+    assert sorted(states.get("answer-questions", [])) == ["Cached", "Completed"], states.get(
+        "answer-questions"
+    )
 
 
 @pytest.mark.parametrize(
