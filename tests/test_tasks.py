@@ -153,6 +153,21 @@ def test_acquire_key_follows_the_data(tmp_path):
     assert stages._acquire_key(None, {"data": hub}) != stages._acquire_key(None, {"data": hub})
 
 
+def test_the_acquire_key_of_a_signed_url_holds_no_secret():
+    """Prefect stores the key in plain text (the result's file name): a pinned URL's key hashes the URL with
+    its secrets redacted, so a re-signed URL of the same file reuses the cache."""
+    from pipeline_lib.config import DataConfig
+
+    pinned = "a" * 64
+    signed = "https://example.com/a.json?X-Amz-Signature=S3CRETSIG&X-Amz-Credential=S3CRETCRED"
+    key = stages._acquire_key(None, {"data": DataConfig(source=signed, sha256=pinned)})
+    assert "S3CRET" not in key and "example.com" not in key and key.endswith(":" + pinned)
+    resigned = signed.replace("S3CRETSIG", "OTHERSIG")
+    assert stages._acquire_key(None, {"data": DataConfig(source=resigned, sha256=pinned)}) == key
+    other = DataConfig(source="https://example.com/b.json?X-Amz-Signature=S3CRETSIG", sha256=pinned)
+    assert stages._acquire_key(None, {"data": other}) != key
+
+
 # ---- caches that heal ------------------------------------------------------------------------------------------
 
 

@@ -167,3 +167,42 @@ def test_a_max_length_that_leaves_no_room_stops_tokenizing_with_what_would(tiny_
     check_room(job, split.model_copy(update={"n_rows": 30, "n_dropped": 10, "n_dropped_prompt": 10}))
     with pytest.raises(TooFewRowsError, match="in 0 of 40 training rows"):
         check_room(job, split.model_copy(update={"n_rows": 0, "n_dropped": 40, "n_dropped_prompt": 10}))
+
+
+# ---- secrets in a source URL ---------------------------------------------------------------------------------
+
+SIGNED = "https://example.com/a.json?X-Amz-Signature=S3CRETSIG&X-Amz-Credential=S3CRETCRED&part=1"
+SHOWN = "https://example.com/a.json?X-Amz-Signature=REDACTED&X-Amz-Credential=REDACTED&part=1"
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.records = []
+
+    def start_run(self, name, *, parent_id=None, tags=None):
+        self.records.append(("start_run", name, tags))
+        return "run-1"
+
+    def log_params(self, run_id, params):
+        self.records.append(("log_params", params))
+
+    def log_dict(self, run_id, data, artifact_file):
+        self.records.append(("log_dict", artifact_file, data))
+
+
+def test_the_parent_run_records_no_secret_of_a_signed_url(monkeypatch):
+    from pipeline_lib import runs
+    from pipeline_lib.tracking import TrackingTarget
+
+    tracker = RecordingTracker()
+    monkeypatch.setattr(runs, "make_tracker", lambda target: tracker)
+    cfg = apply_overrides(SMOKE, [f"data.source={SIGNED}", "data.sha256=" + "a" * 64])
+    assert cfg.data.source == SIGNED  # the run itself downloads with the real URL
+    runs.start_parent_run(cfg, TrackingTarget(uri="sqlite:///unused.db", experiment="x"), "flow-1")
+    recorded = json.dumps(tracker.records, default=str)
+    assert "S3CRET" not in recorded, recorded
+    params = next(r[1] for r in tracker.records if r[0] == "log_params")
+    assert params["data.source"] == SHOWN
+    config_json = next(r[2] for r in tracker.records if r[0] == "log_dict" and r[1] == "config.json")
+    assert config_json["data"]["source"] == SHOWN
+    assert config_json == {**cfg.model_dump(mode="json"), "data": {**cfg.data.model_dump(), "source": SHOWN}}
