@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fakes
 import pytest
 import yaml
 
@@ -138,7 +139,7 @@ def test_lora_targets_that_match_no_layer_are_named_in_preflight():
 def test_a_max_length_that_leaves_no_room_stops_tokenizing_with_what_would(tiny_models, tmp_path):
     from pipeline_lib.contracts import ResolvedModel
     from pipeline_lib.synthetic import alpaca_rows
-    from pipeline_lib.tokenization import TokenizeJob, TooFewRowsError, check_room
+    from pipeline_lib.tokenization import TokenizeJob, TooFewRowsError, check_room, tokenize_stage
 
     rows = alpaca_rows(40, seed=1)
     for r in rows[:30]:
@@ -153,17 +154,17 @@ def test_a_max_length_that_leaves_no_room_stops_tokenizing_with_what_would(tiny_
         train_path=str(train), eval_path=str(train), data_fingerprint="d", model=model, max_length=64,
         out_dir=str(tmp_path / "tok"),
     )  # fmt: skip
-    import fakes
-
-    split = fakes.split("bloom-tiny", "train").model_copy(
-        update={"n_input_rows": 40, "n_rows": 9, "n_dropped": 31, "n_dropped_prompt": 31}
-    )
     with pytest.raises(TooFewRowsError) as e:
-        check_room(job, split)
+        tokenize_stage(job)
     assert str(e.value) == (
         "bloom-tiny: max_length 64 leaves room for an answer in 9 of 40 training rows (in 31 the prompt alone "
         "is longer); set the model's max_length to at least 112, where half the rows fit whole"
     )
+    split = fakes.split("bloom-tiny", "train").model_copy(
+        update={"n_input_rows": 40, "n_rows": 9, "n_dropped": 31, "n_dropped_prompt": 31}
+    )
+    with pytest.raises(TooFewRowsError, match="in 9 of 40 training rows"):
+        check_room(job, split)
     check_room(job, split.model_copy(update={"n_rows": 30, "n_dropped": 10, "n_dropped_prompt": 10}))
     with pytest.raises(TooFewRowsError, match="in 0 of 40 training rows"):
         check_room(job, split.model_copy(update={"n_rows": 0, "n_dropped": 40, "n_dropped_prompt": 10}))
@@ -206,3 +207,19 @@ def test_the_parent_run_records_no_secret_of_a_signed_url(monkeypatch):
     config_json = next(r[2] for r in tracker.records if r[0] == "log_dict" and r[1] == "config.json")
     assert config_json["data"]["source"] == SHOWN
     assert config_json == {**cfg.model_dump(mode="json"), "data": {**cfg.data.model_dump(), "source": SHOWN}}
+
+
+def test_the_secret_reaches_only_the_tasks_that_download_with_it(monkeypatch):
+    """The flow with every task replaced by a recorder (tests/test_flow.py): only pre-flight, the parent run
+    (which redacts what it records) and the data tasks get the URL; the comparison's data line is redacted."""
+    from test_flow import Recorder, _install
+
+    from flows import finetune_compare as flow_module
+
+    rec = Recorder()
+    _install(monkeypatch, rec)
+    flow_module.finetune_compare.fn(apply_overrides(SMOKE, [f"data.source={SIGNED}"]))
+    holders = {name for name, kwargs in rec.calls if "S3CRET" in json.dumps(kwargs, default=repr)}
+    assert holders == {"preflight", "start_parent_run", "acquire_data", "clean_data"}
+    (compare,) = rec.args("compare_models")
+    assert compare["data"].startswith(SHOWN + ", ")
