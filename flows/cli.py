@@ -36,33 +36,9 @@ def _one_line(err: BaseException) -> str:
 
 
 def _load(args) -> object:
-    from pipeline_lib.config import load_config, parse_config
+    from pipeline_lib.overrides import load_run_config
 
-    cfg = (
-        load_config(profile=args.profile, path=args.config)
-        if args.config
-        else load_config(args.profile or "smoke")
-    )
-    if getattr(args, "set", None):
-        data = cfg.model_dump(mode="json")
-        for item in args.set:
-            key, sep, raw = item.partition("=")
-            if not sep:
-                raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-            import yaml
-
-            node = data
-            parts = key.split(".")
-            for p in parts[:-1]:
-                node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
-            last = parts[-1]
-            value = yaml.safe_load(raw)
-            if isinstance(node, list):
-                node[int(last)] = value
-            else:
-                node[last] = value
-        cfg = parse_config(data, "--set")
-    return cfg
+    return load_run_config(args.profile, args.config, getattr(args, "set", None) or ())
 
 
 def _use_services(start: bool, worker: bool = False) -> dict:
@@ -276,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--set",
             action="append",
             metavar="KEY=VALUE",
-            help="override one setting, e.g. --set models.0.max_steps=20 (repeatable)",
+            help="override one setting, e.g. --set models.0.max_steps=20 (repeatable); profile=NAME starts "
+            "from that preset",
         )
 
     sp = sub.add_parser("up", help="start MLflow, Prefect and a process worker")

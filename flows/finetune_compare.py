@@ -11,6 +11,7 @@ from prefect.runtime import flow_run
 
 from pipeline_lib.config import RunConfig, load_config
 from pipeline_lib.contracts import ModelResult
+from pipeline_lib.data import redact_url
 from pipeline_lib.tracking import TrackingTarget, target_from_env
 from tasks import stages
 from tasks.progress import ProgressSpan
@@ -97,7 +98,7 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
                 answers.question_score,
             )
         title = f"{config.name}: {', '.join(r.model_name for r in results)}"
-        data = f"{config.data.source}, {prepared['rows_in']} rows in, {prepared['n_train']} trained on, {prepared['n_eval']} held out"
+        data = f"{redact_url(config.data.source)}, {prepared['rows_in']} rows in, {prepared['n_train']} trained on, {prepared['n_eval']} held out"
         comparison = stages.compare_models(results, parent, tracking, title, data)
         summary = {
             "flow_run_id": str(flow_run.get_id()),

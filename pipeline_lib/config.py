@@ -10,12 +10,29 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-PROFILES = ("smoke", "report")
+from pipeline_lib.config_checks import (  # noqa: F401 (OPTIMIZERS re-exported)
+    CUSTOM,
+    OPTIMIZERS,
+    PROFILES,
+    known_optimizer,
+    known_profile,
+    known_tiny,
+    module_names,
+)
 
 
 class ConfigError(ValueError):
@@ -23,7 +40,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are refused in every field: no setting means anything with them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class CleaningConfig(_Strict):
@@ -137,9 +155,12 @@ class LoraSettings(_Strict):
     r: int = Field(16, ge=1, le=1024, description="Rank of the LoRA update matrices.")
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
-    target_modules: Literal["all-linear"] | list[str] = Field(
+    target_modules: Annotated[Literal["all-linear"] | list[str], BeforeValidator(module_names)] = Field(
         "all-linear",
-        description="'all-linear' = every linear layer of the loaded model except the output head; or module names.",
+        description=(
+            "'all-linear' = every linear layer of the loaded model except the output head; or module names "
+            "(q_proj, query_key_value, ...), each matching a linear layer of every model (checked in pre-flight)."
+        ),
     )
 
 
@@ -149,7 +170,7 @@ class ModelSpec(_Strict):
     name: str = Field(
         ..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Short label used in reports."
     )
-    base_model: str = Field(
+    base_model: Annotated[str, AfterValidator(known_tiny)] = Field(
         ...,
         description=(
             "Hugging Face model id, a local model directory, or 'tiny:llama' / 'tiny:bloom' / 'tiny:falcon' "
@@ -157,18 +178,28 @@ class ModelSpec(_Strict):
         ),
     )
     revision: str | None = Field(None, description="Model revision on the Hub; None = default branch.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    epochs: float = Field(
+        1.0,
+        ge=0.01,
+        le=100,
+        description="Passes over the data, 0.01 to 100 (fewer: set max_steps; more only make a model recite it).",
+    )
     batch_size: int = Field(
         4, ge=1, description="Effective batch size in rows per optimizer step (micro-batch x accumulation)."
     )
     learning_rate: float | None = Field(
-        None, gt=0, description="Peak learning rate; None = training.learning_rate."
+        None, gt=0, le=1, description="Peak learning rate (at most 1); None = training.learning_rate."
     )
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
     )
     max_length: int = Field(
-        512, ge=16, description="Longest tokenized row; longer rows are truncated and counted."
+        512,
+        ge=64,
+        description=(
+            "Longest tokenized row; longer rows are truncated and counted. At least 64: the prompt template "
+            "alone takes 30 (tiny tokenizers) to 45 tokens; the tokenize stage stops when too few rows fit."
+        ),
     )
     use_fast_tokenizer: bool | None = Field(
         None,
@@ -179,7 +210,9 @@ class ModelSpec(_Strict):
 class TrainingSettings(_Strict):
     """Settings shared by every model's fine-tuning."""
 
-    learning_rate: float = Field(2e-4, gt=0, description="Default peak learning rate.")
+    learning_rate: float = Field(
+        2e-4, gt=0, le=1, description="Default peak learning rate; above 1 every optimizer here diverges."
+    )
     warmup_ratio: float = Field(
         0.1, ge=0, lt=1, description="Share of steps spent warming the LR up linearly."
     )
@@ -188,9 +221,9 @@ class TrainingSettings(_Strict):
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    optimizer: str = Field(
+    optimizer: Annotated[str, AfterValidator(known_optimizer)] = Field(
         "adamw_torch",
-        description="transformers optimizer name, e.g. 'adamw_torch' or 'paged_adamw_8bit' (GPU).",
+        description="transformers optimizer name, e.g. 'adamw_torch' or 'paged_adamw_8bit' (GPU); see OPTIMIZERS.",
     )
     logging_steps: int = Field(1, ge=1, description="Log loss and LR every N optimizer steps.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; None = once per epoch.")
@@ -320,7 +353,13 @@ class RunConfig(_Strict):
     """A whole fine-tune-and-compare run: data, models, training, inference and tracking."""
 
     name: str = Field("qabot", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Run name prefix.")
-    profile: str = Field("custom", description="Which preset this config came from (informational).")
+    profile: Annotated[str, AfterValidator(known_profile)] = Field(
+        CUSTOM,
+        description=(
+            "The preset this config starts from, 'smoke' or 'report' (the settings given apply over it), or "
+            "'custom' for none; recorded as the MLflow tag qabot.profile."
+        ),
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="'auto' = CUDA when present, else CPU."
     )
@@ -408,14 +447,21 @@ def profile_text(profile: str) -> str:
 def parse_config(data: Any, where: str = "config") -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
+    try:  # on its own: the other errors of a config whose preset is unknown are noise
+        known_profile(data.get("profile", CUSTOM))
+    except ValueError as err:
+        raise ConfigError(f"{where}: profile: {err}") from None
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, where)) from None
 
 
-def load_config(profile: str | None = None, path: str | os.PathLike | None = None) -> RunConfig:
-    """Load a preset (`profile`) or a YAML/JSON file (`path`); a file may start from a preset with `profile:`."""
+def load_config(
+    profile: str | None = None, path: str | os.PathLike | None = None, *, force_profile: bool = False
+) -> RunConfig:
+    """Load a preset (`profile`) or a YAML/JSON file (`path`); a file may start from a preset with `profile:`.
+    With a file, `profile` applies where the file names none, or replaces its own with `force_profile`."""
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -427,7 +473,7 @@ def load_config(profile: str | None = None, path: str | os.PathLike | None = Non
             at = f" (line {mark.line + 1})" if mark else ""
             raise ConfigError(f"{p}: not valid YAML{at}") from None
         if profile is not None and isinstance(data, dict):
-            data = {"profile": profile, **data}
+            data = {**data, "profile": profile} if force_profile else {"profile": profile, **data}
         return parse_config(data, str(p))
     name = profile or "smoke"
     return parse_config(yaml.safe_load(profile_text(name)), f"profile {name}")

@@ -24,14 +24,19 @@ def source_probe(source: str, revision: str | None = None, sha256: str | None = 
     """A cheap key that changes when the data behind `source` may have changed.
 
     Local files: path, size and modification time. Shipped files: their content hash. URLs with an expected
-    sha256: that hash. Hugging Face ids pinned to a 40-character commit: the commit. Anything else cannot
-    be known without fetching it, so the key is unique (never reused)."""
+    sha256: that hash and a hash of the URL with its secrets redacted (the key is stored in plain text, and a
+    re-signed URL of the same pinned file can reuse it). Hugging Face ids pinned to a 40-character commit: the
+    commit. Anything else cannot be known without fetching it, so the key is unique (never reused)."""
     if source.startswith("builtin:"):
         f = resources.files("pipeline_lib.assets").joinpath(source.removeprefix("builtin:"))
         data = f.read_bytes() if f.is_file() else b"missing"
         return "builtin:" + hashlib.sha256(data).hexdigest()
     if source.startswith(("http://", "https://")):
-        return f"url:{source}:{sha256}" if sha256 else f"unique:{uuid.uuid4()}"
+        if not sha256:
+            return f"unique:{uuid.uuid4()}"
+        from pipeline_lib.data.errors import redact_url
+
+        return f"url:{hashlib.sha256(redact_url(source).encode()).hexdigest()[:32]}:{sha256}"
     p = Path(source).expanduser()
     if p.exists():
         st = p.stat()

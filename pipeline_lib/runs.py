@@ -8,16 +8,24 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_lib.config import RunConfig
-from pipeline_lib.data import audit_table
+from pipeline_lib.data import audit_table, redact_url
 from pipeline_lib.files import fingerprint
 from pipeline_lib.tracking import TrackingTarget, make_tracker
+
+
+def recorded_config(config: RunConfig) -> dict[str, Any]:
+    """`config` as recorded (params, `config.json`): the data source with its URL secrets redacted."""
+    data = config.model_dump(mode="json")
+    data["data"]["source"] = redact_url(config.data.source)
+    return data
 
 
 def start_parent_run(
     config: RunConfig, tracking: TrackingTarget, flow_run_id: str | None, flow_run_name: str | None = None
 ) -> str | None:
     """A new parent run with the config (params, tags and `config.json`); None when nothing is tracked. It is
-    named `<config name> · <flow-run name>` (Prefect's name for the run), so reruns can be told apart."""
+    named `<config name> · <flow-run name>` (Prefect's name for the run), so reruns can be told apart.
+    Nothing recorded holds the secrets of a source URL (`recorded_config`)."""
     if not tracking.enabled:
         return None
     tracker = make_tracker(tracking)
@@ -35,11 +43,11 @@ def start_parent_run(
             "models": [m.name for m in config.models],
             "profile": config.profile,
             "device": config.device,
-            "data.source": config.data.source,
+            "data.source": redact_url(config.data.source),
             "data.revision": config.data.revision,
         },
     )
-    tracker.log_dict(run_id, config.model_dump(mode="json"), "config.json")
+    tracker.log_dict(run_id, recorded_config(config), "config.json")
     return run_id
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline_lib.contracts import ResolvedModel, TokenizedData
+from pipeline_lib.contracts import ResolvedModel, TokenizedData, TokenizedSplit
 from pipeline_lib.encoding import (
     DROPPED_LONG,
     DROPPED_PROMPT,
@@ -367,8 +367,36 @@ class TokenizeJob(BaseModel):
     out_dir: str
 
 
+class TooFewRowsError(ValueError):
+    """`max_length` leaves too few training rows room for an answer; one line with what fits and what would."""
+
+
+_ROOM_SAMPLE = 2000  # rows measured whole to suggest a max_length (only when the check fails)
+
+
+def check_room(job: TokenizeJob, train: TokenizedSplit) -> None:
+    """Stop when `max_length` fits no training row, or when most rows' prompts alone do not fit (they are
+    dropped whatever `long_rows` says): training would fail on an empty set or learn from a sliver of it.
+    The message says how many rows fit and the max_length at which half the rows fit whole."""
+    n = train.n_input_rows
+    if n == 0 or (train.n_rows > 0 and 2 * train.n_dropped_prompt <= n):
+        return
+    instructions, inputs, outputs = (c[:_ROOM_SAMPLE] for c in read_jsonl_rows(job.train_path))
+    tokenizer = load_tokenizer(job.model.path, use_fast=job.use_fast)
+    whole, _ = encode_batch(tokenizer, instructions, inputs, outputs, EVAL_MAX_LENGTH, "drop")
+    lengths = sorted(EVAL_MAX_LENGTH + 1 if isinstance(e, str) else e["length"] for e in whole)
+    median = lengths[(len(lengths) - 1) // 2]
+    suggest = max(64, -(-median // 8) * 8)
+    raise TooFewRowsError(
+        f"{job.model.name}: max_length {job.max_length} leaves room for an answer in {train.n_rows} of {n} "
+        f"training rows (in {train.n_dropped_prompt} the prompt alone is longer); set the model's max_length "
+        f"to at least {suggest}, where half the rows fit whole"
+    )
+
+
 def tokenize_stage(job: TokenizeJob) -> TokenizedData:
-    """Tokenize the train and eval splits with the model's tokenizer (`tokenize_prepared`)."""
+    """Tokenize the train and eval splits with the model's tokenizer (`tokenize_prepared`); `TooFewRowsError`
+    when `max_length` leaves too few training rows room for an answer (`check_room`)."""
     prepared = {"train_path": job.train_path, "eval_path": job.eval_path, "fingerprint": job.data_fingerprint}
     result = tokenize_prepared(
         prepared,
@@ -379,4 +407,6 @@ def tokenize_stage(job: TokenizeJob) -> TokenizedData:
         base_model=job.model.base_model,
         long_rows=job.long_rows,
     )
-    return TokenizedData.model_validate(result)
+    data = TokenizedData.model_validate(result)
+    check_room(job, data.train)
+    return data

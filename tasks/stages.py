@@ -5,7 +5,7 @@ work), calls the stage — in a process of its own where it holds a model (`RunC
 and publishes Prefect artifacts. Tasks pass typed records of paths and fingerprints
 (`pipeline_lib.contracts`), never live models or datasets. Heavy tasks are cached on their inputs plus their
 own source code, with persisted results; inputs that only say where to log (`tracking`, run ids) are left
-out of the keys.
+out of the keys. A cached result whose output files are gone is computed again (`tasks.caching`).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from pipeline_lib.merge import MergeJob, merge_stage
 from pipeline_lib.tokenization import TokenizeJob, tokenize_stage
 from pipeline_lib.tracking import TrackingTarget
 from pipeline_lib.training import TrainJob
+from tasks.caching import heals
 from tasks.progress import ProgressSpan
 
 CACHED = INPUTS + TASK_SOURCE
@@ -66,7 +67,7 @@ def _acquire_key(context, parameters) -> str:
 
 @task(
     name="acquire-data",
-    cache_key_fn=_acquire_key,
+    cache_policy=heals(CacheKeyFnPolicy(cache_key_fn=_acquire_key)),
     persist_result=True,
     retries=3,
     retry_delay_seconds=[2, 5, 15],
@@ -88,7 +89,7 @@ def acquire_data(data: DataConfig) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(got).items()}
 
 
-@task(name="clean-data", cache_policy=CACHED, persist_result=True)
+@task(name="clean-data", cache_policy=heals(CACHED), persist_result=True)
 def clean_data(acquired: dict, data: DataConfig) -> dict:
     from pipeline_lib.data import audit_table, clean_acquired
 
@@ -117,7 +118,7 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
     return resolve_base_model(spec, qabot_home() / "models" / "base")
 
 
-@task(name="tokenize", cache_policy=CACHED, persist_result=True)
+@task(name="tokenize", cache_policy=heals(CACHED), persist_result=True)
 def tokenize_data(
     prepared: dict, model: ResolvedModel, max_length: int, use_fast: bool | None, long_rows: str = "cut"
 ) -> TokenizedData:
@@ -139,7 +140,7 @@ def tokenize_data(
     return result
 
 
-@task(name="train", cache_policy=CACHED_TRACKED, persist_result=True)
+@task(name="train", cache_policy=heals(CACHED_TRACKED), persist_result=True)
 def train_model(
     model: ResolvedModel,
     tokenized: TokenizedData,
@@ -165,7 +166,7 @@ def train_model(
     )
 
 
-@task(name="merge", cache_policy=CACHED_TRACKED, persist_result=True)
+@task(name="merge", cache_policy=heals(CACHED_TRACKED), persist_result=True)
 def merge_model(
     trained: TrainResult,
     model: ResolvedModel,
@@ -201,7 +202,7 @@ def _question_set_key(context, parameters) -> str:
 
 @task(
     name="answer-questions",
-    cache_policy=CACHED_TRACKED + CacheKeyFnPolicy(cache_key_fn=_question_set_key),
+    cache_policy=heals(CACHED_TRACKED + CacheKeyFnPolicy(cache_key_fn=_question_set_key)),
     persist_result=True,
 )
 def answer_questions(

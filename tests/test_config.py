@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import math
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from pipeline_lib.config import PROFILES, ConfigError, RunConfig, load_config, parse_config
+from pipeline_lib.config import OPTIMIZERS, PROFILES, ConfigError, RunConfig, load_config, parse_config
 from pipeline_lib.files import fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,3 +114,112 @@ def test_fingerprint_is_stable_and_sensitive():
     assert fingerprint(a) == fingerprint(b)
     b.training.learning_rate = 0.5
     assert fingerprint(a) != fingerprint(b)
+
+
+# ---- bad inputs caught before any work (issue 11, point 9) -----------------------------------------------------
+
+
+def test_an_unknown_profile_in_a_file_lists_the_presets(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("profile: nope\nname: mine\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path=f)
+    assert str(e.value) == (
+        f"{f}: profile: unknown profile 'nope'; choose one of: smoke, report (or custom for a config of your own)"
+    )
+    with pytest.raises(ConfigError, match=r"profile: unknown profile 'reprot' \(did you mean 'report'\?\)"):
+        parse_config({"profile": "reprot", "models": [{"name": "a", "base_model": "tiny:llama"}]})
+    with pytest.raises(ValidationError, match="unknown profile 'nope'"):  # as a flow parameter, too
+        RunConfig.model_validate({**load_config("smoke").model_dump(), "profile": "nope"})
+    custom = parse_config({"profile": "custom", "models": [{"name": "a", "base_model": "tiny:llama"}]})
+    assert custom.profile == "custom" and custom.data.source == "tatsu-lab/alpaca"
+
+
+def _float_fields(model, prefix=""):
+    """Dotted paths of every float field of the config (a list of models: its first entry)."""
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        args = typing.get_args(field.annotation) or (field.annotation,)
+        if float in args:
+            yield path
+        below = f"{path}.0." if typing.get_origin(field.annotation) is list else f"{path}."
+        for sub in args:
+            if isinstance(sub, type) and hasattr(sub, "model_fields"):
+                yield from _float_fields(sub, below)
+
+
+def _with(data: dict, path: str, value) -> dict:
+    data = copy.deepcopy(data)
+    node = data
+    *parents, last = path.split(".")
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    node[last] = value
+    return data
+
+
+def test_nan_and_infinity_are_refused_in_every_numeric_field():
+    base = load_config("smoke").model_dump(mode="json")
+    paths = list(_float_fields(RunConfig))
+    assert {"models.0.epochs", "training.learning_rate", "data.eval_fraction", "merge.max_loss_delta"} <= set(
+        paths
+    )
+    assert len(paths) >= 15, paths
+    for path in paths:
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ConfigError) as e:
+                parse_config(_with(base, path, bad), "c.yaml")
+            assert str(e.value).startswith(f"c.yaml: {path}: "), (path, bad, str(e.value))
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("models.0.epochs", 1e-9, "Input should be greater than or equal to 0.01"),
+        ("models.0.epochs", 1e6, "Input should be less than or equal to 100"),
+        ("models.0.learning_rate", 1e9, "Input should be less than or equal to 1"),
+        ("training.learning_rate", 1e9, "Input should be less than or equal to 1"),
+        ("models.0.max_length", 32, "Input should be greater than or equal to 64"),
+        ("training.optimizer", "adamw_bogus",
+         "unknown optimizer 'adamw_bogus' (did you mean 'adamw_8bit'?); choose one of: adamw_torch, "),
+        ("models.0.base_model", "tiny:gpt2",
+         "unknown tiny architecture 'tiny:gpt2'; choose one of: tiny:llama, tiny:bloom, tiny:falcon"),
+        ("lora.target_modules", [],
+         "an empty list adapts no layer; name layers (e.g. [q_proj, v_proj]) or use all-linear"),
+        ("lora.target_modules", ["q proj"], "'q proj' is not a module name"),
+        ("lora.target_modules", "q_proj",
+         "'q_proj' is neither all-linear nor a list of module names; for one module write [q_proj]"),
+    ],
+)  # fmt: skip
+def test_absurd_values_are_refused_naming_the_key(path, value, message):
+    with pytest.raises(ConfigError) as e:
+        parse_config(_with(load_config("smoke").model_dump(mode="json"), path, value), "c.yaml")
+    assert str(e.value).startswith(f"c.yaml: {path}: {message}"), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_sensible_values_at_the_bounds_pass():
+    base = load_config("smoke").model_dump(mode="json")
+    for path, value in (("models.0.epochs", 0.01), ("models.0.epochs", 100), ("training.learning_rate", 1),
+                        ("models.0.max_length", 64), ("training.optimizer", "paged_adamw_8bit"),
+                        ("lora.target_modules", ["q_proj", "self_attn.v_proj"])):  # fmt: skip
+        data = _with(base, path, value)
+        if path == "training.optimizer":
+            data["device"] = "cuda"
+        parse_config(data)
+
+
+def test_every_allowed_optimizer_is_one_transformers_knows():
+    """Read from transformers' source (`OptimizerNames`), not imported: importing it takes seconds."""
+    import ast
+    import importlib.util
+
+    source = Path(importlib.util.find_spec("transformers").origin).with_name("training_args.py").read_text()
+    enum = next(
+        n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == "OptimizerNames"
+    )
+    known = {
+        a.value.value for a in enum.body if isinstance(a, ast.Assign) and isinstance(a.value, ast.Constant)
+    }
+    assert len(known) > 20 and set(OPTIMIZERS) <= known, set(OPTIMIZERS) - known
+    assert {"adamw_torch", "paged_adamw_8bit"} <= set(OPTIMIZERS)

@@ -151,3 +151,96 @@ def test_acquire_key_follows_the_data(tmp_path):
     assert stages._acquire_key(None, {"data": builtin}) == stages._acquire_key(None, {"data": builtin})
     hub = DataConfig(source="tatsu-lab/alpaca")  # cannot know without fetching: never reused
     assert stages._acquire_key(None, {"data": hub}) != stages._acquire_key(None, {"data": hub})
+
+
+def test_the_acquire_key_of_a_signed_url_holds_no_secret():
+    """Prefect stores the key in plain text (the result's file name): a pinned URL's key hashes the URL with
+    its secrets redacted, so a re-signed URL of the same file reuses the cache."""
+    from pipeline_lib.config import DataConfig
+
+    pinned = "a" * 64
+    signed = "https://example.com/a.json?X-Amz-Signature=S3CRETSIG&X-Amz-Credential=S3CRETCRED"
+    key = stages._acquire_key(None, {"data": DataConfig(source=signed, sha256=pinned)})
+    assert "S3CRET" not in key and "example.com" not in key and key.endswith(":" + pinned)
+    resigned = signed.replace("S3CRETSIG", "OTHERSIG")
+    assert stages._acquire_key(None, {"data": DataConfig(source=resigned, sha256=pinned)}) == key
+    other = DataConfig(source="https://example.com/b.json?X-Amz-Signature=S3CRETSIG", sha256=pinned)
+    assert stages._acquire_key(None, {"data": other}) != key
+
+
+# ---- caches that heal ------------------------------------------------------------------------------------------
+
+
+def _store(tmp_path):
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import ResultStore
+
+    return ResultStore(result_storage=LocalFileSystem(basepath=str(tmp_path / "results")))
+
+
+def test_a_cached_result_whose_outputs_are_gone_is_computed_again(tmp_path, caplog):
+    """The key a task's policy gives when the result cached under it names files that were deleted: the next
+    key of its chain (nothing cached there: the task runs), and that key from then on while its files exist."""
+    store = _store(tmp_path)
+    ctx = SimpleNamespace(task=stages.clean_data, result_store=store)
+    inputs = CASES["clean_data"][0]
+    out = tmp_path / "home" / "data" / "clean-x"
+
+    def compute() -> dict:  # what the task would write and return
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("clean", "train", "eval"):
+            (out / f"{name}.jsonl").write_text("{}\n")
+        (out / "audit.json").write_text("{}")
+        return {f"{n}_path": str(out / f"{n}.{'json' if n == 'audit' else 'jsonl'}")
+                for n in ("clean", "train", "eval", "audit")} | {"fingerprint": "f"}  # fmt: skip
+
+    def key() -> str:
+        return stages.clean_data.cache_policy.compute_key(task_ctx=ctx, inputs=inputs, flow_parameters={})
+
+    base = key()
+    assert base == _key(stages.clean_data, inputs)  # nothing cached: the plain key
+    store.write(compute(), key=base)
+    assert key() == base  # cached, outputs present: a cache hit
+    (out / "audit.json").unlink()
+    with caplog.at_level("WARNING"):
+        assert key() == base + ".1"  # outputs gone: a key with nothing cached, so the task runs again
+    assert "clean-data: the cached result names outputs that are gone" in caplog.text
+    assert str(out / "audit.json") in caplog.text
+    store.write(compute(), key=base + ".1")
+    assert key() == base + ".1"  # the newest record is used from then on
+    import shutil
+
+    shutil.rmtree(tmp_path / "home")
+    assert key() == base + ".2"
+    (tmp_path / "results" / base).write_bytes(b"not a record")  # unreadable old records do not matter
+    store.write(compute(), key=base + ".2")
+    assert key() == base + ".2"
+
+
+def test_every_cached_task_heals_and_every_result_names_its_outputs():
+    from tasks.caching import Healing, recorded_outputs
+
+    for name in (*CASES, "acquire_data"):
+        assert isinstance(getattr(stages, name).cache_policy, Healing), name
+    results = {
+        "acquire": {"path": "/r/raw.json", "sha256": "s", "source": "x"},
+        "clean": {
+            "clean_path": "/c",
+            "train_path": "/t",
+            "eval_path": "/e",
+            "audit_path": "/a",
+            "rows_in": 1,
+        },
+        "tokenized": TOKENIZED,
+        "trained": TRAINED,
+        "merged": fakes.merged("llama-tiny"),
+        "answered": fakes.answered("llama-tiny", path="/ans.jsonl"),
+    }
+    assert {k: sorted(recorded_outputs(v)) for k, v in results.items()} == {
+        "acquire": ["/r/raw.json"],
+        "clean": ["/a", "/c", "/e", "/t"],
+        "tokenized": ["/t/llama-tiny/eval", "/t/llama-tiny/train"],
+        "trained": ["/a", "/m/llama-tiny"],
+        "merged": ["/mm/llama-tiny"],
+        "answered": ["/ans.jsonl"],
+    }

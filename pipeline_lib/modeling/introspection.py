@@ -129,3 +129,14 @@ def check_quantized(report: dict[str, Any], model_name: str, expected: bool = Tr
         raise PreflightError(
             f"{model_name}: quantization check failed: {n4}/{n} linear layers are 4-bit but 4-bit was not requested"
         )
+
+
+def linear_layer_names(model_config) -> list[str]:
+    """Full names of the linear layers `lora_target_modules` would see, from a model built on the meta device
+    from `model_config` (no weights read, no memory used): what pre-flight checks LoRA targets against."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return [name for name, _ in _base_linear_modules(model)]
