@@ -28,12 +28,12 @@ from bitsandbytes.functional import has_avx512bf16
 from peft import get_peft_model
 
 from pipeline_lib import modeling, tokenization
+from pipeline_lib.architectures import ARCHS  # noqa: E402  (every family in the registry)
 from pipeline_lib.batching import pad_collate
 from pipeline_lib.config import LoraSettings, QuantizationConfig
 from pipeline_lib.synthetic import alpaca_rows, write_jsonl
 from pipeline_lib.training import TrainJob, train_stage
 
-ARCHS = ("llama", "bloom", "falcon")
 LORA = LoraSettings(r=8, alpha=16, dropout=0.0)
 
 

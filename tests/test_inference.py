@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline_lib.architectures import ARCHS  # noqa: E402  (every family in the registry)
 from pipeline_lib.config import InferenceSettings
 from pipeline_lib.inference import generate_answers, left_pad, load_for_inference
 from pipeline_lib.prompts import build_prompt
 
-ARCHS = ("llama", "bloom", "falcon")
 PROMPTS = [
     build_prompt("What is the capital city of Norway?"),
     build_prompt("Sort the numbers from smallest to largest.", "42, 7, 19, 3, 88, 61, 5"),

@@ -11,11 +11,13 @@ import torch
 from network import needs_hub, needs_no_hub
 
 from pipeline_lib import modeling
-from pipeline_lib.architectures import family
+from pipeline_lib.architectures import (
+    ARCHS,  # noqa: E402  (every family in the registry)
+    family,
+)
 from pipeline_lib.config import LoraSettings, ModelSpec, QuantizationConfig
 from pipeline_lib.files import directory_fingerprint
 
-ARCHS = ("llama", "bloom", "falcon")
 Q4 = QuantizationConfig()
 BF16 = QuantizationConfig(load_in_4bit=False, compute_dtype="bfloat16")
 FP32 = QuantizationConfig(load_in_4bit=False, compute_dtype="float32")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from pipeline_lib.architectures import ARCHS  # noqa: E402  (every family in the registry)
 from pipeline_lib.prompts import build_prompt
 from pipeline_lib.synthetic import alpaca_rows, write_jsonl
 from pipeline_lib.tokenization import (
@@ -19,8 +20,6 @@ from pipeline_lib.tokenization import (
     special_prefix,
     tokenize_split,
 )
-
-ARCHS = ("llama", "bloom", "falcon")
 
 ROWS = [  # (instruction, input, output)
     ("What is the capital city of France?", "", "The capital city of France is Paris."),

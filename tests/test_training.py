@@ -14,6 +14,7 @@ from recorders import StepRecorder
 
 from pipeline_lib import data as data_lib
 from pipeline_lib import isolation, modeling, tokenization
+from pipeline_lib.architectures import ARCHS  # noqa: E402  (every family in the registry)
 from pipeline_lib.config import DataConfig, QuantizationConfig, load_config
 from pipeline_lib.devices import GIB
 from pipeline_lib.training import (
@@ -26,7 +27,6 @@ from pipeline_lib.training import (
     train_stage,
 )
 
-ARCHS = ("llama", "bloom", "falcon")
 MAX_LENGTH = 128
 TRAIN_ROWS, EVAL_ROWS = 32, 8
 BATCH = 4
