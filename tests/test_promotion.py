@@ -315,6 +315,8 @@ def test_the_champion_serves(registry, tiny_models, tmp_path):
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
         "HF_HUB_OFFLINE": "1",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a readable server log when it fails
+        "CUDA_VISIBLE_DEVICES": "",  # on the CPU, like the direct answer it is compared with
         # `mlflow models serve` starts `uvicorn` by name: the environment's scripts must be on PATH
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
