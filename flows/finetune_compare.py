@@ -1,7 +1,8 @@
-"""The main flow: data → per model (tokenize → QLoRA train → merge → answer) → comparison.
+"""The main flow: data → per model (tokenize → QLoRA train → merge → answer → promote) → comparison.
 
 Composition only: every step is a task in `tasks.stages`. Models are trained one after another on the one
-GPU; each heavy step is cached, so a rerun with unchanged data and settings only rebuilds the report.
+GPU; each heavy step is cached, so a rerun with unchanged data and settings only rebuilds the report. A
+promotion that waits for a reviewer (`promotion.approval`) pauses the run between deciding and applying.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pipeline_lib.config import RunConfig, load_config
 from pipeline_lib.contracts import ModelResult
 from pipeline_lib.data import redact_url
 from pipeline_lib.tracking import TrackingTarget, target_from_env
-from tasks import stages
+from tasks import approval, stages
 from tasks.progress import ProgressSpan
 
 DEFAULT_CONFIG = load_config("smoke")
@@ -45,6 +46,7 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
         progress = stages.start_progress([m.name for m in config.models])
         share = 100.0 / len(config.models)
         results: list[ModelResult] = []
+        promotions = {}
         for k, spec in enumerate(config.models):
             model = resolved[spec.name]
             tokenized = stages.tokenize_data(
@@ -76,6 +78,13 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
                 trained.run_id,
                 tracking,
             )
+            promotion = stages.promote_model(trained, merged, answers, registered, config.promotion, tracking)
+            if promotion.decision == "pending":
+                verdict = approval.ask_reviewer(promotion, config.promotion.approval_timeout_s)
+                promotion = stages.promote_model(
+                    trained, merged, answers, registered, config.promotion, tracking, verdict
+                )
+            promotions[spec.name] = promotion
             results.append(
                 ModelResult(
                     model_name=spec.name,
@@ -112,6 +121,9 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
                     **r.train.metrics.model_dump(),
                     "question_score_before": r.answers_before.question_score if r.answers_before else None,
                     "question_score": r.answers.question_score,
+                    "promotion": promotions[r.model_name].model_dump(
+                        include={"decision", "reason", "version", "champion"}
+                    ),
                 }
                 for r in results
             },

@@ -333,6 +333,39 @@ class TrackingSettings(_Strict):
     log_merged_model: bool = Field(True, description="Upload the merged model directory as a run artifact.")
 
 
+class PromotionSettings(_Strict):
+    """When a newly registered merged model becomes the registry's `champion` (`pipeline_lib.promotion`).
+
+    Every registered version of a model gets the alias `challenger` after its answers; it takes the alias
+    `champion` when its question score is at least the champion's and its held-out bits per byte are not worse
+    (higher) than the champion's by more than `bpb_margin`. The first version of a model becomes champion."""
+
+    enabled: bool = Field(
+        True,
+        description=(
+            "Judge each newly registered merged model against the registry's champion and move the "
+            "'challenger' and 'champion' aliases (needs tracking.register_models)."
+        ),
+    )
+    bpb_margin: float = Field(
+        0.02,
+        ge=0,
+        description=(
+            "How much higher (worse) a challenger's held-out bits per byte may be than the champion's, in "
+            "absolute bits per byte, for it to still become champion."
+        ),
+    )
+    approval: bool = Field(
+        False,
+        description="Pause the run for a reviewer's yes/no in the Prefect UI before moving 'champion'.",
+    )
+    approval_timeout_s: int = Field(
+        3600,
+        ge=1,
+        description="Seconds to wait for the reviewer; no answer by then means the model is not promoted.",
+    )
+
+
 class TrainSettings(_Strict):
     """The settings every model's training, merge and answers share (`RunConfig.train_settings()`)."""
 
@@ -383,6 +416,9 @@ class RunConfig(_Strict):
     merge: MergeSettings = Field(default_factory=MergeSettings, description="Merging and its gate.")
     inference: InferenceSettings = Field(default_factory=InferenceSettings, description="Question answering.")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="MLflow tracking.")
+    promotion: PromotionSettings = Field(
+        default_factory=PromotionSettings, description="Promotion through the model registry's aliases."
+    )
 
     @model_validator(mode="before")
     @classmethod

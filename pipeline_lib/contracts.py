@@ -8,7 +8,7 @@ process boundary of an isolated stage as JSON, so they hold no live objects: no 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -147,6 +147,22 @@ class AnswerResult(Record):
     n_correct: int = 0
     seconds: float
     new_tokens: int
+
+
+class PromotionResult(Record):
+    """What the promotion step decided for one model's registered version (`pipeline_lib.promotion`)."""
+
+    model_name: str
+    registered_name: str | None  # the registered model; None when nothing was registered
+    version: str | None  # the version judged (alias `challenger`)
+    # promoted: it is now `champion`; refused: it is not; unchanged: it already was; pending: it would be,
+    # waiting for a reviewer; skipped: nothing to judge (promotion off, tracking off, nothing registered)
+    decision: Literal["promoted", "refused", "unchanged", "pending", "skipped"]
+    reason: str
+    champion: str | None = None  # the version `champion` points at afterwards
+    previous_champion: str | None = None  # ... and before
+    question_score: float | None = None
+    bits_per_byte: float | None = None
 
 
 class ModelResult(Record):

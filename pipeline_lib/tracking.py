@@ -5,7 +5,9 @@ Stages see a `Tracker`: runs addressed by id (never by the fluent "active run"),
 an isolated stage, a later rerun — can log to the same run. Loss and learning rate come from the Trainer's
 own MLflow callback (`Tracker.trainer_callback`, made safe for continued runs); CPU/GPU utilisation from
 MLflow's system metrics (`Tracker.active_run`, which samples the GPU through pynvml); a merged model is
-logged and registered with `Tracker.log_model` (MLflow's models-from-code, `pipeline_lib/serving.py`).
+logged and registered with `Tracker.log_model` (MLflow's models-from-code, `pipeline_lib/serving.py`); the
+registry's aliases and version tags (`pipeline_lib.promotion`) through `set_alias`, `get_alias_version`,
+`set_version_tags` and `version_tags`.
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ class Tracker(Protocol):
     def trainer_callback(self, run_id: str) -> Any | None: ...
     def active_run(self, run_id: str, system_metrics: bool = False) -> contextlib.AbstractContextManager: ...
     def log_model(self, run_id: str, model_dir: str | Path, registered_name: str | None) -> dict | None: ...
+    def set_alias(self, name: str, alias: str, version: str) -> None: ...
+    def get_alias_version(self, name: str, alias: str) -> str | None: ...
+    def set_version_tags(self, name: str, version: str, tags: dict[str, Any]) -> None: ...
+    def version_tags(self, name: str, version: str) -> dict[str, str] | None: ...
 
 
 def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -133,6 +139,18 @@ class NullTracker:
     def log_model(self, run_id, model_dir, registered_name):
         return None
 
+    def set_alias(self, name, alias, version):
+        return None
+
+    def get_alias_version(self, name, alias):
+        return None
+
+    def set_version_tags(self, name, version, tags):
+        return None
+
+    def version_tags(self, name, version):
+        return None
+
 
 class MlflowTracker:
     """MLflow client bound to one tracking server and experiment."""
@@ -191,8 +209,11 @@ class MlflowTracker:
             self.client.log_batch(run_id, metrics=items)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 100):  # one request (and one database commit) per 100 tags
+            self.client.log_batch(run_id, tags=items[i : i + 100])
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         p = Path(path)
@@ -339,6 +360,40 @@ class MlflowTracker:
             "model_uri": info.model_uri,
             "registered_model_version": getattr(info, "registered_model_version", None),
         }
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point the registered model's `alias` at `version` (moving it from any other version)."""
+        self.client.set_registered_model_alias(name, alias, str(version))
+
+    def get_alias_version(self, name: str, alias: str) -> str | None:
+        """The version `alias` points at; None when the model or the alias does not exist."""
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except Exception as err:  # an unknown model, or a model without the alias
+            if _not_found(err):
+                return None
+            raise
+
+    def set_version_tags(self, name: str, version: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, str(version), k, str(v))
+
+    def version_tags(self, name: str, version: str) -> dict[str, str] | None:
+        """The tags of one model version; None when the model or the version does not exist."""
+        try:
+            return dict(self.client.get_model_version(name, str(version)).tags)
+        except Exception as err:
+            if _not_found(err):
+                return None
+            raise
+
+
+def _not_found(err: Exception) -> bool:
+    """An MLflow error saying that a registered model, version or alias does not exist."""
+    code = getattr(err, "error_code", "")
+    return code == "RESOURCE_DOES_NOT_EXIST" or (
+        code == "INVALID_PARAMETER_VALUE" and "not found" in str(err)
+    )
 
 
 def _requirements() -> list[str]:

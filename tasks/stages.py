@@ -24,6 +24,7 @@ from pipeline_lib.config import (
     InferenceSettings,
     MergeSettings,
     ModelSpec,
+    PromotionSettings,
     RunConfig,
     TrainSettings,
     qabot_home,
@@ -33,6 +34,7 @@ from pipeline_lib.contracts import (
     Comparison,
     MergeResult,
     ModelResult,
+    PromotionResult,
     ResolvedModel,
     TokenizedData,
     TrainResult,
@@ -40,6 +42,7 @@ from pipeline_lib.contracts import (
 from pipeline_lib.files import fingerprint
 from pipeline_lib.inference import AnswerJob, answer_stage
 from pipeline_lib.merge import MergeJob, merge_stage
+from pipeline_lib.promotion import PromoteJob, promote_stage
 from pipeline_lib.tokenization import TokenizeJob, tokenize_stage
 from pipeline_lib.tracking import TrackingTarget
 from pipeline_lib.training import TrainJob
@@ -230,6 +233,34 @@ def answer_questions(
     isolate = isolation.wanted(settings.process_isolation, settings.device)
     label = f"answer {model_name} ({phase})"
     return isolation.call(answer_stage, job, isolate=isolate, log_path=out / "answer.log", label=label)
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote_model(
+    trained: TrainResult,
+    merged: MergeResult,
+    answers: AnswerResult,
+    registered_name: str | None,
+    promotion: PromotionSettings,
+    tracking: TrackingTarget,
+    verdict: str | None = None,
+) -> PromotionResult:
+    """The merged model's registered version against the registry's champion; never cached (the registry
+    may have moved since). `verdict`: a reviewer's answer (`tasks.approval`) to an earlier "pending"."""
+    job = PromoteJob(
+        model_name=trained.model_name,
+        registered_name=registered_name,
+        version=(merged.registered or {}).get("registered_model_version"),
+        question_score=answers.question_score,
+        bits_per_byte=trained.metrics.bits_per_byte,
+        run_id=trained.run_id,
+        settings=promotion,
+        tracking=tracking,
+        verdict=verdict,
+    )
+    result = promote_stage(job)
+    get_run_logger().info("%s: promotion %s: %s", trained.model_name, result.decision, result.reason)
+    return result
 
 
 @task(name="start-progress", cache_policy=NO_CACHE)

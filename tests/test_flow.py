@@ -12,7 +12,7 @@ import pytest
 
 from flows import finetune_compare as flow_module
 from pipeline_lib.config import load_config
-from pipeline_lib.contracts import Comparison
+from pipeline_lib.contracts import Comparison, PromotionResult
 
 
 class Recorder:
@@ -36,6 +36,15 @@ class Recorder:
             return fakes.merged(kwargs["trained"].model_name)
         if name == "answer_questions":
             return fakes.answered(label, phase=kwargs["phase"])
+        if name == "promote_model":
+            waiting = kwargs["promotion"].approval and kwargs.get("verdict") is None
+            return PromotionResult(
+                model_name=kwargs["trained"].model_name,
+                registered_name=kwargs["registered_name"],
+                version="1",
+                decision="pending" if waiting else "promoted",
+                reason=f"verdict {kwargs.get('verdict')}",
+            )
         return {
             "preflight": None,
             "start_parent_run": "parent-1",
@@ -89,8 +98,16 @@ def test_each_stage_gets_what_the_one_before_returned(monkeypatch):
     assert names.count("acquire_data") == names.count("clean_data") == 1
     models = [m.name for m in config.models]
     # One model at a time: tokenize -> train -> merge -> answer, in the configured order.
-    per_model = [n for n in names if n in {"tokenize_data", "train_model", "merge_model", "answer_questions"}]
-    one = ["tokenize_data", "train_model", "answer_questions", "merge_model", "answer_questions"]
+    stages = {"tokenize_data", "train_model", "merge_model", "answer_questions", "promote_model"}
+    per_model = [n for n in names if n in stages]
+    one = [
+        "tokenize_data",
+        "train_model",
+        "answer_questions",
+        "merge_model",
+        "answer_questions",
+        "promote_model",
+    ]
     assert per_model == one * len(models)
     for name, tok in zip(models, rec.args("tokenize_data"), strict=True):
         assert tok["prepared"]["fingerprint"] == "data-fp" and tok["model"].name == name
@@ -115,6 +132,16 @@ def test_each_stage_gets_what_the_one_before_returned(monkeypatch):
             f"merged-{name}",
         )
         assert before["run_id"] == after["run_id"] == f"run-{name}"
+    for name, promote in zip(models, rec.args("promote_model"), strict=True):
+        assert (
+            promote["trained"].run_id == f"run-{name}" and promote["merged"].fingerprint == f"merged-{name}"
+        )
+        assert (promote["answers"].phase, promote["answers"].model_name) == ("after", name)
+        assert (
+            promote["registered_name"] == f"{config.name}-{name}" and promote["promotion"] == config.promotion
+        )
+        assert promote.get("verdict") is None
+    assert summary["models"][models[0]]["promotion"]["decision"] == "promoted"
     (compare,) = rec.args("compare_models")
     assert [r.model_name for r in compare["results"]] == models
     assert [r.train.run_id for r in compare["results"]] == [f"run-{m}" for m in models]
@@ -122,6 +149,29 @@ def test_each_stage_gets_what_the_one_before_returned(monkeypatch):
         ("before", "after")
     ] * 3
     assert summary["parent_run_id"] == "parent-1" and set(summary["models"]) == set(models)
+
+
+def test_a_promotion_waiting_for_a_reviewer_asks_then_applies_the_answer(monkeypatch):
+    from pipeline_lib.config import parse_config
+
+    rec = Recorder()
+    _install(monkeypatch, rec)
+    asked = []
+
+    def ask_reviewer(result, timeout_s):
+        asked.append((result.model_name, result.decision, timeout_s))
+        return "refused" if result.model_name == "bloom-tiny" else "approved"
+
+    monkeypatch.setattr(flow_module.approval, "ask_reviewer", ask_reviewer)
+    config = parse_config({"profile": "smoke", "promotion": {"approval": True, "approval_timeout_s": 60}})
+    summary = flow_module.finetune_compare.fn(config)
+
+    models = [m.name for m in config.models]
+    assert asked == [(m, "pending", 60) for m in models]
+    verdicts = [kw.get("verdict") for kw in rec.args("promote_model")]
+    assert verdicts == [None, "approved", None, "refused", None, "approved"]
+    assert rec.names()[-1] == "finish_parent_run"
+    assert summary["models"]["bloom-tiny"]["promotion"]["reason"] == "verdict refused"
 
 
 @pytest.mark.parametrize("stage", ["clean_data", "train_model", "answer_questions"])

@@ -23,6 +23,7 @@ STAGES = {  # module: stage function
     "pipeline_lib.merge": "merge_stage",
     "pipeline_lib.inference": "answer_stage",
     "pipeline_lib.compare": "compare_stage",
+    "pipeline_lib.promotion": "promote_stage",
 }
 
 
