@@ -172,6 +172,32 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """`mlflow models serve` on a registered model's alias (`models:/NAME@ALIAS`), from this environment:
+    `--env-manager local` installs nothing; the environment's scripts (uvicorn) are put first on PATH."""
+    import re
+
+    from flows import services
+    from pipeline_lib.config import ConfigError
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", args.model):
+        raise ConfigError(f"serve: {args.model!r} is not a registered model name")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", args.alias):
+        raise ConfigError(f"--alias: {args.alias!r} is not an alias name")
+    env = {**os.environ, **services.service_env()}
+    if not env.get("MLFLOW_TRACKING_URI"):
+        raise ConfigError("serve: no MLflow server known; run `qabot up` or set MLFLOW_TRACKING_URI")
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    cmd = [str(Path(bindir) / "mlflow"), "models", "serve", "-m", f"models:/{args.model}@{args.alias}"]
+    cmd += ["--env-manager", "local", "--host", args.host, "--port", str(args.port)]
+    print(
+        f"serving models:/{args.model}@{args.alias} on http://{args.host}:{args.port}/invocations", flush=True
+    )
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached
+
+
 def _find_summary(flow_run_id: str, st: dict) -> dict:
     """The parent MLflow run of a flow run (tagged with its id): its URL and the report's directory."""
     from pipeline_lib.config import qabot_home
@@ -287,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["show", "schema"])
     cfg_args(sp)
     sp.set_defaults(func=cmd_config)
+    sp = sub.add_parser("serve", help="serve a registered model's alias over REST (mlflow models serve)")
+    sp.add_argument("model", help="registered model name, e.g. smoke-llama-tiny")
+    sp.add_argument("--alias", default="champion", help="registry alias (default: champion)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=5001)
+    sp.set_defaults(func=cmd_serve)
     sp = sub.add_parser("score", help="score a JSONL file of answers against the question set")
     sp.add_argument("--answers", required=True, help='JSONL file, one {"id": ..., "answer": ...} per line')
     sp.add_argument("--questions", help="question set markdown file (default: the built-in 15 questions)")

@@ -290,7 +290,7 @@ def _free_port() -> int:
 def test_the_champion_serves(registry, tiny_models, tmp_path):
     """A merged model (a tiny base stands in for one) logged by `MlflowTracker.log_model` and made champion
     answers through `models:/NAME@champion`: loaded with pyfunc in a fresh process, and behind
-    `mlflow models serve --env-manager local` — the same answer as generating with its files directly."""
+    `qabot serve` (`mlflow models serve --env-manager local`) — the same answer as generating with its files directly."""
     import json
     import os
     import signal
@@ -317,17 +317,16 @@ def test_the_champion_serves(registry, tiny_models, tmp_path):
         "HF_HUB_OFFLINE": "1",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a readable server log when it fails
         "CUDA_VISIBLE_DEVICES": "",  # on the CPU, like the direct answer it is compared with
-        # `mlflow models serve` starts `uvicorn` by name: the environment's scripts must be on PATH
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+    # `mlflow models serve` starts `uvicorn` by name; `qabot serve` puts the environment's scripts on PATH
+    serve_env = {**env, "PATH": "/usr/bin:/bin"}
     port = _free_port()
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local"]
-            + ["--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            cwd=tmp_path,
+        server = subprocess.Popen(  # `qabot serve` = `mlflow models serve --env-manager local` on the alias
+            [sys.executable, "-m", "flows.cli", "serve", name, "--alias", "champion", "--port", str(port)],
+            env={**serve_env, "QABOT_HOME": str(tmp_path / "home")},
+            cwd=Path(__file__).resolve().parent.parent,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
