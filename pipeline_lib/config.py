@@ -383,6 +383,17 @@ class RunConfig(_Strict):
     merge: MergeSettings = Field(default_factory=MergeSettings, description="Merging and its gate.")
     inference: InferenceSettings = Field(default_factory=InferenceSettings, description="Question answering.")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="MLflow tracking.")
+    retrain: Literal["always", "on_change"] = Field(
+        "always",
+        description=(
+            "'always' = fine-tune on every run; 'on_change' = skip it, saying why, when the data and the training "
+            "settings (pipeline_lib/retraining.py) equal those of this config name's last finished trained run."
+        ),
+    )
+    refresh_comparison: bool = Field(
+        True,
+        description="When training is skipped: rebuild the comparison from that run's results; false = link to it.",
+    )
 
     @model_validator(mode="before")
     @classmethod
