@@ -96,13 +96,37 @@ def cmd_status(args) -> int:
     if "status" in pool:
         workers = pool.get("workers") or []
         online = [w for w in workers if w["status"] == "ONLINE"]
-        print(f"pool     {pool['name']}: {pool['status']}, {len(online)} of {len(workers)} worker(s) online")
+        limit = pool.get("concurrency_limit")
+        print(
+            f"pool     {pool['name']}: {pool['status']}, {len(online)} of {len(workers)} worker(s) online, "
+            f"flow-run limit {limit if limit is not None else 'none'}"
+        )
         for w in workers:
             age = w["heartbeat_age_s"]
             print(
                 f"         {w['name']}: {w['status']}, last heartbeat {'never' if age is None else f'{age:.0f} s ago'}"
             )
+    _print_prefect_overview(st)
     return 0
+
+
+def _print_prefect_overview(st: dict) -> None:
+    gcl = st.get("gpu_limit")
+    if gcl:
+        slots = f"{gcl['limit']} slot(s), {gcl['in_use']} in use" if "limit" in gcl else gcl.get("status")
+        print(f"gpu      {gcl['name']}: {slots} (one training flow run per slot)")
+    for s in st.get("schedules", []):
+        on = "active" if s["active"] else "inactive: no runs are scheduled until it is switched on"
+        print(f"schedule {s['deployment']}: {s['schedule']}, {on}")
+    for r in st.get("upcoming", []):
+        print(f"         next: {r['start']} {r['deployment']} ({r['name']})")
+    if "flow_runs" in st:
+        print(f"runs     {len(st['flow_runs'])} latest flow run(s)" + (":" if st["flow_runs"] else ""))
+        for r in st["flow_runs"]:
+            line = f"         {r['name']}: {r['state']}, {r['deployment']}, {r['start'] or 'not started'}"
+            print(line + (f" - {r['message']}" if r["message"] else ""))
+    elif st.get("flow_runs_error"):
+        print(f"runs     unknown ({st['flow_runs_error']})")
 
 
 def cmd_run(args) -> int:
@@ -166,6 +190,8 @@ def cmd_demo(args) -> int:
         if args.timeout is not None and not (fr.state and fr.state.is_final()):
             return _fail(f"flow run {fr.name} still {state} after --timeout {args.timeout:g} s: {flow_url}")
         return _fail(f"flow run {fr.name} ended {state}: {msg}")
+    if fr.state.message:  # e.g. why a scheduled run skipped training
+        print(fr.state.message)
     summary = _find_summary(str(fr.id), st)
     print("\n".join(["Summary:", *summarize(summary["report_dir"])]))
     _print_urls(summary, flow_url)

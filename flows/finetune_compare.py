@@ -1,20 +1,28 @@
 """The main flow: data → per model (tokenize → QLoRA train → merge → answer → promote) → comparison.
 
 Composition only: every step is a task in `tasks.stages`. Models are trained one after another on the one
-GPU; each heavy step is cached, so a rerun with unchanged data and settings only rebuilds the report. A
-promotion that waits for a reviewer (`promotion.approval`) pauses the run between deciding and applying.
+GPU; each heavy step is cached, so a rerun with unchanged data and settings only rebuilds the report.
+From its retraining decision to its end, a run holds a slot of the `qabot-gpu` concurrency limit
+(`tasks.gpu`): runs started together train one after the other. With `retrain: on_change`, a run whose data
+and training settings equal those of the last trained run skips fine-tuning and ends Completed with the
+reason as its message. A promotion that waits for a reviewer (`promotion.approval`) pauses the run between
+deciding and applying.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 
 from pipeline_lib.config import RunConfig, load_config
 from pipeline_lib.contracts import ModelResult
 from pipeline_lib.data import redact_url
 from pipeline_lib.tracking import TrackingTarget, target_from_env
 from tasks import approval, stages
+from tasks.gpu import gpu_slot
 from tasks.progress import ProgressSpan
 
 DEFAULT_CONFIG = load_config("smoke")
@@ -38,11 +46,16 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
     settings = config.train_settings()
     stages.preflight(config)
     parent = stages.start_parent_run(config, tracking, flow_run.get_id())
+    held = ExitStack()
     try:
         acquired = stages.acquire_data(config.data)
         prepared = stages.clean_data(acquired, config.data)
         stages.log_data(parent, prepared, acquired, tracking)
         resolved = {spec.name: stages.resolve_model(spec) for spec in config.models}
+        held.enter_context(gpu_slot(flow_run.get_id()))  # one run per GPU: waits while others train
+        decision = stages.decide_retraining(config, prepared, resolved, parent, tracking)
+        if not decision.train:
+            return _skip_training(config, decision, prepared, parent, tracking)
         progress = stages.start_progress([m.name for m in config.models])
         share = 100.0 / len(config.models)
         results: list[ModelResult] = []
@@ -133,3 +146,31 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
     except BaseException:
         stages.finish_parent_run(parent, tracking, "FAILED", None)
         raise
+    finally:
+        held.close()
+
+
+def _skip_training(config: RunConfig, decision, prepared: dict, parent: str | None, tracking) -> State:
+    """Nothing changed since the last trained run: no model is trained. The comparison is rebuilt under this
+    run from that run's recorded results (`refresh_comparison`), or this run points at that run's report."""
+    results = stages.previous_results(decision.previous_run_id, tracking)
+    if config.refresh_comparison and results:
+        title = f"{config.name}: {', '.join(r.model_name for r in results)} (trained in run {decision.previous_run_id})"
+        data = f"{redact_url(config.data.source)}, {prepared['rows_in']} rows in, {prepared['n_train']} trained on, {prepared['n_eval']} held out"
+        comparison = stages.compare_models(results, parent, tracking, title, data)
+    else:
+        comparison = stages.previous_comparison(decision.previous_run_id, tracking)
+    summary = {
+        "flow_run_id": str(flow_run.get_id()),
+        "parent_run_id": parent,
+        "parent_run_url": comparison.parent_run_url,
+        "report_dir": comparison.report_dir,
+        "best_model": comparison.best_model,
+        "retrain": decision.to_json(),
+        "models": {
+            r.model_name: {"child_run_id": r.train.run_id, "question_score": r.answers.question_score}
+            for r in results or []
+        },
+    }
+    stages.finish_parent_run(parent, tracking, "FINISHED", summary)
+    return Completed(message=f"training skipped: {decision.reason}", data=summary)

@@ -42,6 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline_lib.config import qabot_home
+from tasks.gpu import GPU_LIMIT
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 WORK_POOL = "qabot-process"
@@ -589,6 +590,7 @@ def _up(home: Path, mlflow_port: int | None, prefect_port: int | None, worker: b
     else:
         state.pop("prefect_auth_file", None)
     _write_state(home, state)
+    ensure_gpu_limit(home)
     cenv = {**base_env, **service_env(home)}
     if worker and not is_running(procs.get("worker")):
         created = subprocess.run(
@@ -647,7 +649,9 @@ def down(home: Path | None = None) -> Stopped:
 
 
 def status(home: Path | None = None) -> dict:
-    """What runs: each service's state (identity-checked), URL and health; the work pool and its workers."""
+    """What runs: each service's state (identity-checked), URL and health; the work pool with its run limit
+    and workers; the `qabot-gpu` limit with its slots in use; deployment schedules and their next runs; the
+    latest flow runs with their state."""
     home = Path(home or qabot_home())
     state = read_state(home)
     procs, legacy = state.get("procs", {}), state.get("pids", {})
@@ -674,6 +678,7 @@ def status(home: Path | None = None) -> dict:
         try:
             wp = prefect_api("GET", f"/work_pools/{WORK_POOL}", home=home, timeout=5)
             pool["status"] = wp.get("status")
+            pool["concurrency_limit"] = wp.get("concurrency_limit")
             workers = prefect_api("POST", f"/work_pools/{WORK_POOL}/workers/filter", {}, home=home, timeout=5)
             pool["workers"] = [
                 {
@@ -688,7 +693,105 @@ def status(home: Path | None = None) -> dict:
         except (OSError, ValueError) as err:
             pool["status"] = f"unknown ({err})"
     out["pool"] = pool
+    if out["services"]["prefect"].get("answers"):
+        out.update(_prefect_overview(home))
     return out
+
+
+def ensure_gpu_limit(home: Path | None = None) -> int:
+    """The `qabot-gpu` concurrency limit every flow run takes a slot of (tasks/gpu.py): created with
+    `devices.gpu_slots()` slots when missing; set to $QABOT_GPU_SLOTS when that is given; else left as is."""
+    from pipeline_lib.devices import gpu_slots
+
+    want = gpu_slots()
+    try:
+        try:
+            have = prefect_api("GET", f"/v2/concurrency_limits/{GPU_LIMIT}", home=home)["limit"]
+        except urllib.error.HTTPError as err:
+            if err.code != 404:
+                raise
+            prefect_api("POST", "/v2/concurrency_limits/", {"name": GPU_LIMIT, "limit": want}, home=home)
+            return want
+        if os.environ.get("QABOT_GPU_SLOTS") and have != want:
+            prefect_api("PATCH", f"/v2/concurrency_limits/{GPU_LIMIT}", {"limit": want}, home=home)
+            return want
+        return have
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ServiceError(f"setting up the concurrency limit {GPU_LIMIT} failed: {err}") from None
+
+
+def _prefect_overview(home: Path, runs: int = 5) -> dict:
+    """The GPU limit and its slots in use, deployment schedules with their next runs, the latest flow runs."""
+    out: dict = {}
+    try:
+        gcl = prefect_api("GET", f"/v2/concurrency_limits/{GPU_LIMIT}", home=home, timeout=5)
+        out["gpu_limit"] = {"name": GPU_LIMIT, "limit": gcl.get("limit"), "in_use": gcl.get("active_slots")}
+    except urllib.error.HTTPError as err:
+        out["gpu_limit"] = {"name": GPU_LIMIT, "status": "absent" if err.code == 404 else f"HTTP {err.code}"}
+    except (OSError, ValueError) as err:
+        out["gpu_limit"] = {"name": GPU_LIMIT, "status": f"unknown ({err})"}
+    try:
+        now = datetime.now(timezone.utc).isoformat()
+        deployments = prefect_api("POST", "/deployments/filter", {}, home=home, timeout=5) or []
+        names = {d["id"]: d["name"] for d in deployments}
+        out["schedules"] = [
+            {
+                "deployment": d["name"],
+                "schedule": _schedule_text(s.get("schedule") or {}),
+                "active": bool(s.get("active")) and not d.get("paused"),
+            }
+            for d in deployments
+            for s in d.get("schedules") or []
+        ]
+        upcoming = prefect_api(
+            "POST",
+            "/flow_runs/filter",
+            {
+                "sort": "EXPECTED_START_TIME_ASC",
+                "limit": 3,
+                "flow_runs": {
+                    "state": {"type": {"any_": ["SCHEDULED"]}},
+                    "expected_start_time": {"after_": now},
+                },
+            },
+            home=home,
+            timeout=5,
+        )
+        recent = prefect_api(
+            "POST",
+            "/flow_runs/filter",
+            {
+                "sort": "EXPECTED_START_TIME_DESC",
+                "limit": runs,
+                "flow_runs": {"expected_start_time": {"before_": now}},
+            },
+            home=home,
+            timeout=5,
+        )
+        out["upcoming"] = [_run_item(r, names) for r in upcoming or []]
+        out["flow_runs"] = [_run_item(r, names) for r in recent or []]
+    except (OSError, ValueError) as err:
+        out["flow_runs_error"] = str(err)
+    return out
+
+
+def _schedule_text(schedule: dict) -> str:
+    if schedule.get("cron"):
+        return f"cron '{schedule['cron']}' ({schedule.get('timezone') or 'UTC'})"
+    if schedule.get("interval"):
+        return f"every {schedule['interval']} s"
+    return schedule.get("rrule") or "?"
+
+
+def _run_item(run: dict, deployments: dict[str, str]) -> dict:
+    state = run.get("state") or {}
+    return {
+        "name": run.get("name"),
+        "state": state.get("name") or run.get("state_name"),
+        "message": (state.get("message") or "").splitlines()[0][:120] if state.get("message") else "",
+        "deployment": deployments.get(run.get("deployment_id"), "-"),
+        "start": run.get("start_time") or run.get("expected_start_time"),
+    }
 
 
 def _age(iso: str | None) -> float | None:

@@ -398,6 +398,7 @@ def compare_stage(job: CompareJob) -> Comparison:
             tracker.log_artifact(run, f, "comparison")
         tracker.log_table(run, board.to_dict(orient="records"), "comparison/scoreboard.json")
         tracker.log_table(run, answers.to_dict(orient="records"), "comparison/answers.json")
+        tracker.log_dict(run, [r.to_json() for r in job.results], "comparison/results.json")  # for reruns
         headline = {
             f"{b['model']}.{k}": b[k]
             for _, b in board.iterrows()

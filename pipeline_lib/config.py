@@ -419,6 +419,17 @@ class RunConfig(_Strict):
     promotion: PromotionSettings = Field(
         default_factory=PromotionSettings, description="Promotion through the model registry's aliases."
     )
+    retrain: Literal["always", "on_change"] = Field(
+        "always",
+        description=(
+            "'always' = fine-tune on every run; 'on_change' = skip it, saying why, when the data and the training "
+            "settings (pipeline_lib/retraining.py) equal those of this config name's last finished trained run."
+        ),
+    )
+    refresh_comparison: bool = Field(
+        True,
+        description="When training is skipped: rebuild the comparison from that run's results; false = link to it.",
+    )
 
     @model_validator(mode="before")
     @classmethod

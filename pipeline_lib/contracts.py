@@ -184,3 +184,15 @@ class Comparison(Record):
     parent_run_url: str | None = None
     best_model: str | None = None
     scoreboard: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class RetrainDecision(Record):
+    """Whether a run fine-tunes its models, and why (`retraining.decide_retraining`)."""
+
+    train: bool
+    reason: str  # one line: "no previous successful run", "data changed (a → b)", ...
+    mode: str  # RunConfig.retrain
+    data_fingerprint: str
+    train_config_fingerprint: str
+    previous_run_id: str | None = None  # the last finished run of this config name that trained
+    changed: list[str] = Field(default_factory=list)  # "data" and/or the changed settings' keys

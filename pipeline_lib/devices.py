@@ -7,7 +7,9 @@ benchmarks choose and measure devices the same way.
 from __future__ import annotations
 
 import gc
+import os
 import resource
+from pathlib import Path
 from typing import Any
 
 GIB = 1024**3
@@ -17,6 +19,30 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def gpu_slots(env: dict[str, str] | None = None, proc: Path = Path("/proc/driver/nvidia/gpus")) -> int:
+    """How many runs may train at once on this machine: $QABOT_GPU_SLOTS when set, else one per NVIDIA GPU
+    this process may use (CUDA_VISIBLE_DEVICES, else the driver's /proc/driver/nvidia/gpus), and one on a
+    machine without a GPU. Cheap: no torch, no CUDA context."""
+    env = os.environ if env is None else env
+    raw = env.get("QABOT_GPU_SLOTS", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"QABOT_GPU_SLOTS={raw!r}: expected a whole number of at least 1")
+        return int(raw)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # CUDA stops at the first invalid entry, as here
+        n = 0
+        for item in visible.split(","):
+            if not item.strip() or item.strip().startswith("-"):
+                break
+            n += 1
+        return max(1, n)
+    try:
+        return max(1, sum(1 for _ in proc.iterdir()))
+    except OSError:
+        return 1
 
 
 def resolve_device(device: str) -> str:

@@ -1,5 +1,6 @@
 """The parent run of a flow run: one MLflow run per fine-tune-and-compare run, holding its configuration,
-the data audit and (from `compare.compare_stage`) the comparison; each model's run is its child."""
+the data audit, the retraining decision (`retraining`) and (from `compare.compare_stage`) the comparison with
+the models' results; each model's run is its child."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline_lib import retraining
 from pipeline_lib.config import RunConfig
+from pipeline_lib.contracts import ModelResult, RetrainDecision
 from pipeline_lib.data import audit_table, redact_url
 from pipeline_lib.files import fingerprint
 from pipeline_lib.tracking import TrackingTarget, make_tracker
@@ -35,6 +38,7 @@ def start_parent_run(
             "qabot.profile": config.profile,
             "qabot.flow_run_id": flow_run_id,
             "qabot.config_fingerprint": fingerprint(config),
+            retraining.NAME_TAG: config.name,
         },
     )
     tracker.log_params(
@@ -92,3 +96,45 @@ def find_parent_run(tracking_uri: str, flow_run_id: str) -> tuple[str, str | Non
     """(run id, URL) of the parent run a flow run started (tagged `qabot.flow_run_id`), in any experiment."""
     tracker = make_tracker(TrackingTarget(uri=tracking_uri, experiment="Default"))
     return tracker.find_run({"qabot.flow_run_id": flow_run_id})
+
+
+def last_trained_run(tracking: TrackingTarget, config_name: str) -> retraining.PreviousRun | None:
+    """What the newest finished parent run of `config_name` that trained recorded; None when there is none
+    (or nothing is tracked)."""
+    if not tracking.enabled:
+        return None
+    tracker = make_tracker(tracking)
+    found = tracker.last_run({retraining.NAME_TAG: config_name, retraining.RETRAIN_TAG: "trained"})
+    if found is None:
+        return None
+    run_id, tags = found
+    recorded = tracker.load_dict(run_id, retraining.ARTIFACT) or {}
+    settings = recorded.get("train_config")
+    return retraining.PreviousRun(
+        run_id=run_id,
+        data_fingerprint=tags.get(retraining.DATA_TAG),
+        train_config_fingerprint=tags.get(retraining.CONFIG_TAG),
+        train_config=settings if isinstance(settings, dict) else None,
+    )
+
+
+def record_retraining(
+    tracking: TrackingTarget, run_id: str | None, decision: RetrainDecision, settings: dict[str, str]
+) -> None:
+    """The decision as tags of the parent run, and with the training settings as `retraining.json`."""
+    if not run_id or not tracking.enabled:
+        return
+    tracker = make_tracker(tracking)
+    tracker.set_tags(run_id, retraining.decision_tags(decision))
+    tracker.log_dict(run_id, {**decision.to_json(), "train_config": settings}, retraining.ARTIFACT)
+
+
+def previous_results(tracking: TrackingTarget, run_id: str | None) -> list[ModelResult] | None:
+    """The model results a parent run's comparison recorded (`comparison/results.json`); None when absent."""
+    if not run_id or not tracking.enabled:
+        return None
+    data = make_tracker(tracking).load_dict(run_id, "comparison/results.json")
+    try:
+        return [ModelResult.model_validate(r) for r in data] if isinstance(data, list) and data else None
+    except ValueError:  # recorded by an older version of the contracts
+        return None

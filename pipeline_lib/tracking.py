@@ -61,6 +61,10 @@ class Tracker(Protocol):
     def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
     def run_url(self, run_id: str) -> str | None: ...
     def find_run(self, tags: dict[str, str]) -> tuple[str, str | None] | None: ...
+    def last_run(
+        self, tags: dict[str, str], status: str = "FINISHED"
+    ) -> tuple[str, dict[str, str]] | None: ...
+    def load_dict(self, run_id: str, artifact_file: str) -> Any | None: ...
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]: ...
     def trainer_callback(self, run_id: str) -> Any | None: ...
     def active_run(self, run_id: str, system_metrics: bool = False) -> contextlib.AbstractContextManager: ...
@@ -125,6 +129,12 @@ class NullTracker:
         return None
 
     def find_run(self, tags):
+        return None
+
+    def last_run(self, tags, status="FINISHED"):
+        return None
+
+    def load_dict(self, run_id, artifact_file):
         return None
 
     def metric_history(self, run_id, key):
@@ -258,6 +268,28 @@ class MlflowTracker:
             return None
         run = runs[0]
         return run.info.run_id, self.run_url(run.info.run_id, run.info.experiment_id)
+
+    def last_run(self, tags: dict[str, str], status: str = "FINISHED") -> tuple[str, dict[str, str]] | None:
+        """(run id, tags) of the newest run, in any experiment, with status `status` and all of `tags`."""
+        where = " and ".join(
+            [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + [f"attributes.status = '{status}'"]
+        )
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        runs = self.client.search_runs(
+            experiments, filter_string=where, order_by=["start_time DESC"], max_results=1
+        )
+        return (runs[0].info.run_id, dict(runs[0].data.tags)) if runs else None
+
+    def load_dict(self, run_id: str, artifact_file: str) -> Any | None:
+        """A JSON artifact of a run, parsed; None when the run has no such artifact."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = self.client.download_artifacts(run_id, artifact_file, tmp)
+                return json.loads(Path(path).read_text(encoding="utf-8"))
+            except Exception:  # a missing artifact or run, or a file that is not JSON
+                return None
 
     def trainer_callback(self, run_id: str):
         """transformers' own MLflow callback, made safe for a run that continues after a kill or an

@@ -36,6 +36,7 @@ from pipeline_lib.contracts import (
     ModelResult,
     PromotionResult,
     ResolvedModel,
+    RetrainDecision,
     TokenizedData,
     TrainResult,
 )
@@ -293,6 +294,40 @@ def start_parent_run(config: RunConfig, tracking: TrackingTarget, flow_run_id: s
 @task(name="log-data", cache_policy=NO_CACHE)
 def log_data(parent_run_id: str | None, prepared: dict, acquired: dict, tracking: TrackingTarget) -> None:
     runs.log_data(tracking, parent_run_id, prepared, acquired)
+
+
+@task(name="decide-retraining", cache_policy=NO_CACHE)
+def decide_retraining(
+    config: RunConfig,
+    prepared: dict,
+    resolved: dict[str, ResolvedModel],
+    parent_run_id: str | None,
+    tracking: TrackingTarget,
+) -> RetrainDecision:
+    """Train, or skip because nothing changed since the last trained run (`pipeline_lib.retraining`)."""
+    from pipeline_lib.retraining import decide_retraining as decide
+    from pipeline_lib.retraining import train_config
+
+    settings = train_config(config, {name: m.fingerprint for name, m in resolved.items()})
+    previous = runs.last_trained_run(tracking, config.name)
+    decision = decide(config.retrain, previous, prepared["fingerprint"], settings)
+    runs.record_retraining(tracking, parent_run_id, decision, settings)
+    get_run_logger().info("%s: %s", "training" if decision.train else "training skipped", decision.reason)
+    return decision
+
+
+@task(name="previous-results", cache_policy=NO_CACHE)
+def previous_results(run_id: str | None, tracking: TrackingTarget) -> list[ModelResult] | None:
+    """The model results the parent run `run_id` recorded with its comparison; None when absent."""
+    return runs.previous_results(tracking, run_id)
+
+
+@task(name="previous-comparison", cache_policy=NO_CACHE)
+def previous_comparison(run_id: str | None, tracking: TrackingTarget) -> Comparison:
+    """The comparison of the parent run `run_id`, where it was written, as it is."""
+    report_dir = qabot_home() / "reports" / str(run_id)
+    files = {p.name: str(p) for p in sorted(report_dir.glob("*"))} if report_dir.is_dir() else {}
+    return Comparison(report_dir=str(report_dir), files=files, parent_run_url=runs.run_url(tracking, run_id))
 
 
 @task(name="compare", cache_policy=NO_CACHE)

@@ -1,29 +1,58 @@
 """The flow's wiring, without any server: every task replaced by a recorder, the flow body run as a function.
 
 Checks that each stage receives what the stage before it returned, models run one after another, the parent
-run is finished (or failed) and nothing runs after a failure."""
+run is finished (or failed) and nothing runs after a failure; that the GPU slot is held from the retraining
+decision to the end, so runs started together train one after the other; that a run whose data and settings
+did not change skips training and says why."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+import time
 
 import fakes
 import pytest
+from prefect.states import State
 
 from flows import finetune_compare as flow_module
 from pipeline_lib.config import load_config
-from pipeline_lib.contracts import Comparison, PromotionResult
+from pipeline_lib.contracts import Comparison, PromotionResult, RetrainDecision
+
+TRAIN = RetrainDecision(
+    train=True, reason="no previous successful run", mode="always", data_fingerprint="data-fp",
+    train_config_fingerprint="cfg-fp",
+)  # fmt: skip
+SKIP = TRAIN.model_copy(
+    update={"train": False, "mode": "on_change", "previous_run_id": "parent-0",
+            "reason": "data and training settings unchanged since run parent-0"}
+)  # fmt: skip
 
 
 class Recorder:
-    def __init__(self, fail_at: str | None = None):
+    def __init__(self, fail_at: str | None = None, decision: RetrainDecision = TRAIN, previous=None):
         self.calls: list[tuple[str, dict]] = []
         self.fail_at = fail_at
+        self.decision = decision
+        self.previous = previous  # what previous_results returns
+
+    @contextlib.contextmanager
+    def gpu_slot(self, flow_run_id=None):
+        self.calls.append(("gpu_slot", {}))
+        try:
+            yield
+        finally:
+            self.calls.append(("gpu_slot_released", {}))
 
     def __call__(self, name: str, **kwargs):
         self.calls.append((name, kwargs))
         if name == self.fail_at:
             raise RuntimeError(f"{name} failed")
+        if name == "decide_retraining":
+            return self.decision
+        if name == "previous_results":
+            return self.previous
         spec = kwargs.get("spec")
         label = spec.name if spec is not None else kwargs.get("model_name")
         if name == "resolve_model":
@@ -59,6 +88,7 @@ class Recorder:
             },
             "log_data": None,
             "compare_models": Comparison(report_dir="/r", files={}),
+            "previous_comparison": Comparison(report_dir="/r0", files={}, parent_run_url="http://m/parent-0"),
             "start_progress": "progress-1",
             "finish_parent_run": None,
         }[name]
@@ -84,6 +114,7 @@ def _install(monkeypatch, rec: Recorder) -> None:
 
             monkeypatch.setattr(stages, name, fake)
     monkeypatch.setattr(flow_module, "get_run_logger", lambda: logging.getLogger("test-flow"))
+    monkeypatch.setattr(flow_module, "gpu_slot", rec.gpu_slot)
 
 
 def test_each_stage_gets_what_the_one_before_returned(monkeypatch):
@@ -93,7 +124,15 @@ def test_each_stage_gets_what_the_one_before_returned(monkeypatch):
     summary = flow_module.finetune_compare.fn(config)
 
     names = rec.names()
-    assert names[:2] == ["preflight", "start_parent_run"] and names[-1] == "finish_parent_run"
+    assert names[:2] == ["preflight", "start_parent_run"] and names[-2:] == [
+        "finish_parent_run",
+        "gpu_slot_released",
+    ]
+    # the GPU slot is taken before the decision and every model stage, and given back after the parent run ends
+    assert names.index("gpu_slot") < names.index("decide_retraining") < names.index("tokenize_data")
+    (decide,) = rec.args("decide_retraining")
+    assert decide["prepared"]["fingerprint"] == "data-fp" and decide["parent_run_id"] == "parent-1"
+    assert list(decide["resolved"]) == [m.name for m in config.models]
     assert rec.args("finish_parent_run")[0]["status"] == "FINISHED"
     assert names.count("acquire_data") == names.count("clean_data") == 1
     models = [m.name for m in config.models]
@@ -180,6 +219,86 @@ def test_a_failed_stage_fails_the_parent_run_and_stops(monkeypatch, stage):
     _install(monkeypatch, rec)
     with pytest.raises(RuntimeError, match=f"{stage} failed"):
         flow_module.finetune_compare.fn(load_config("smoke"))
-    names = rec.names()
+    names = [n for n in rec.names() if n != "gpu_slot_released"]
     assert names[-1] == "finish_parent_run" and rec.args("finish_parent_run")[0]["status"] == "FAILED"
     assert names.index(stage) == len(names) - 2  # nothing ran after the failure
+    assert rec.names()[-1] == ("gpu_slot_released" if "gpu_slot" in names else "finish_parent_run")
+
+
+MODEL_STAGES = {"tokenize_data", "train_model", "merge_model", "answer_questions"}
+
+
+@pytest.mark.parametrize("refresh", [True, False])
+def test_unchanged_data_and_settings_skip_training_and_say_why(monkeypatch, tmp_path, refresh):
+    previous = [fakes.model_result(tmp_path, m.name, 1.0) for m in load_config("smoke").models]
+    rec = Recorder(decision=SKIP, previous=previous)
+    _install(monkeypatch, rec)
+    config = load_config("smoke").model_copy(update={"retrain": "on_change", "refresh_comparison": refresh})
+    state = flow_module.finetune_compare.fn(config)
+
+    assert isinstance(state, State) and state.is_completed()
+    assert state.message == "training skipped: data and training settings unchanged since run parent-0"
+    names = rec.names()
+    assert not MODEL_STAGES & set(names) and "start_progress" not in names
+    assert names[-2:] == ["finish_parent_run", "gpu_slot_released"]
+    (finish,) = rec.args("finish_parent_run")
+    summary = state.data
+    assert finish["status"] == "FINISHED" and finish["summary"] == summary
+    assert summary["retrain"]["train"] is False and summary["retrain"]["previous_run_id"] == "parent-0"
+    assert set(summary["models"]) == {m.name for m in config.models}
+    if refresh:  # the comparison is rebuilt under this run from the previous run's results
+        (compare,) = rec.args("compare_models")
+        assert compare["results"] == previous and compare["parent_run_id"] == "parent-1"
+        assert "previous_comparison" not in names and summary["report_dir"] == "/r"
+    else:  # this run points at the previous run's report
+        assert "compare_models" not in names
+        assert summary["report_dir"] == "/r0" and summary["parent_run_url"] == "http://m/parent-0"
+
+
+def test_two_runs_started_together_train_one_after_the_other(monkeypatch):
+    """Two flow runs in two threads, the GPU limit a semaphore of `slots`: the stretch from one run's
+    retraining decision to its end never overlaps the other's when there is one slot (and does with two,
+    which shows the check can see an overlap)."""
+    config = load_config("smoke")
+
+    def stretches(slots: int) -> list[tuple[float, float]]:
+        monkeypatch.undo()  # the real tasks back, to be faked afresh
+        limit = threading.BoundedSemaphore(slots)
+        spans: dict[int, list[float]] = {}
+        rec = Recorder()
+
+        @contextlib.contextmanager
+        def gpu_slot(flow_run_id=None):
+            with limit:
+                yield
+
+        def stamp(name):
+            spans.setdefault(threading.get_ident(), []).append(time.monotonic())
+            if name == "train_model":
+                time.sleep(0.05)
+
+        _install(monkeypatch, rec)
+        monkeypatch.setattr(flow_module, "gpu_slot", gpu_slot)
+        for name in ("decide_retraining", "train_model", "finish_parent_run"):
+            fake = getattr(flow_module.stages, name)
+            monkeypatch.setattr(
+                flow_module.stages, name, lambda *a, _f=fake, _n=name, **kw: (stamp(_n), _f(*a, **kw))[1]
+            )
+        start = threading.Barrier(2)
+
+        def run():
+            start.wait()
+            flow_module.finetune_compare.fn(config)
+
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert len(spans) == 2 and all(len(v) == 2 + len(config.models) for v in spans.values())
+        return sorted((v[0], v[-1]) for v in spans.values())
+
+    (a0, a1), (b0, b1) = stretches(1)
+    assert a1 < b0, "the second run decided before the first one ended"
+    (a0, a1), (b0, b1) = stretches(2)
+    assert b0 < a1  # with two slots they overlap
