@@ -7,6 +7,8 @@ from __future__ import annotations
 import difflib
 import re
 
+from pydantic import BaseModel, ConfigDict
+
 PROFILES = ("smoke", "report")
 CUSTOM = "custom"  # the `profile` of a config that starts from no preset
 
@@ -65,3 +67,12 @@ def module_names(value: object) -> object:
         if bad:
             raise ValueError(f"{bad[0]!r} is not a module name (letters, digits, '_', dots between parts)")
     return value
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line naming the field and the problem."""
+
+
+class _Strict(BaseModel):
+    # NaN and infinity are refused in every field: no setting means anything with them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)

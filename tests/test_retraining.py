@@ -166,3 +166,14 @@ def test_bad_gpu_slots_is_one_line():
 
     with pytest.raises(ValueError, match=r"^QABOT_GPU_SLOTS='0': expected a whole number of at least 1$"):
         gpu_slots({"QABOT_GPU_SLOTS": "0"})
+
+
+def test_the_compared_training_settings_never_hold_the_data_source():
+    from pipeline_lib.config import load_config
+    from pipeline_lib.overrides import apply_overrides
+    from pipeline_lib.retraining import train_config
+
+    signed = "https://example.com/a.json?X-Amz-Signature=S3CRET"
+    config = apply_overrides(load_config("smoke"), [f"data.source={signed}"])
+    settings = train_config(config, {m.name: "fp" for m in config.models})
+    assert "S3CRET" not in repr(settings) and not any(k.startswith("data") for k in settings)

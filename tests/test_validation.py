@@ -220,6 +220,7 @@ def test_the_secret_reaches_only_the_tasks_that_download_with_it(monkeypatch):
     _install(monkeypatch, rec)
     flow_module.finetune_compare.fn(apply_overrides(SMOKE, [f"data.source={SIGNED}"]))
     holders = {name for name, kwargs in rec.calls if "S3CRET" in json.dumps(kwargs, default=repr)}
-    assert holders == {"preflight", "start_parent_run", "acquire_data", "clean_data"}
+    # decide_retraining takes the config for its training sections only (retraining.train_config, no data)
+    assert holders == {"preflight", "start_parent_run", "acquire_data", "clean_data", "decide_retraining"}
     (compare,) = rec.args("compare_models")
     assert compare["data"].startswith(SHOWN + ", ")
