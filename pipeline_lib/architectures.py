@@ -183,6 +183,15 @@ def dims(config) -> dict[str, Any]:
     }
 
 
+def chunked_loss_exact(config) -> bool:
+    """Whether the model's logits are exactly its output head applied to its decoder's output,
+    `get_output_embeddings()(get_decoder()(...)[0])`, with no scaling, soft-capping or layer between, which
+    the chunked training loss (`training.loss`) relies on. True for every family here (LlamaForCausalLM,
+    BloomForCausalLM, FalconForCausalLM: `lm_head` on the final-norm output of `model`/`transformer`, tied or
+    not; tests/test_loss.py compares each with the model's own logits), False for families without an entry."""
+    return family_of(config) is not None
+
+
 def packs_exactly(config) -> bool:
     """Whether rows packed through position_ids give each row the same logits as alone, for this config's
     family and attention implementation (False for families and implementations not verified)."""

@@ -153,6 +153,26 @@ class TrainingSettings(_Strict):
             "divisor of batch_size within it, accumulation makes up the rest. None = from the memory budget."
         ),
     )
+    loss: Literal["auto", "plain", "chunked"] = Field(
+        "auto",
+        description=(
+            "How the training loss is computed. 'plain': from the model's logits at every position at once "
+            "([tokens x vocabulary], plus their float32 copy and gradients). 'chunked': the output head applied "
+            "to loss_chunk_tokens label tokens at a time, forward and backward: the same loss and gradients "
+            "(up to float32 summation order) without the full logits, for one extra head forward. 'auto': "
+            "chunked for vocabularies of 100k tokens or more (bloom's 250k: its logits are the largest part "
+            "of a step's memory), plain below (llama's 32k, falcon's 50k)."
+        ),
+    )
+    loss_chunk_tokens: int = Field(
+        512,
+        ge=16,
+        description=(
+            "Label tokens per chunk of the chunked loss: the logits held at once are this x vocabulary "
+            "(512 x 250k: 0.24 GiB in bf16, 1.7 GiB with the float32 copy and gradients). Smaller saves "
+            "memory; much smaller makes each chunk's head matmul bound by reading the head's weights."
+        ),
+    )
     long_rows: Literal["cut", "drop"] = Field(
         "cut",
         description=(

@@ -218,14 +218,11 @@ def _packed_losses(logits, labels, lengths):
 
 @torch.no_grad()
 def _alone(model, ex):
-    return torch.stack(
-        [
-            _row_losses(model(input_ids=torch.tensor([e["input_ids"]])).logits, torch.tensor([e["labels"]]))[
-                0
-            ]
-            for e in ex
-        ]
-    )
+    def one(e):
+        logits = model(input_ids=torch.tensor([e["input_ids"]], device=model.device)).logits.cpu()
+        return _row_losses(logits, torch.tensor([e["labels"]]))[0]
+
+    return torch.stack([one(e) for e in ex])
 
 
 @torch.no_grad()
@@ -239,8 +236,10 @@ def _padded(model, ex, pad_id):
 def _packed(model, ex, use_cache=False):
     batch = pack_collate(ex)
     logits = model(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=use_cache
-    ).logits
+        input_ids=batch["input_ids"].to(model.device),
+        position_ids=batch["position_ids"].to(model.device),
+        use_cache=use_cache,
+    ).logits.cpu()
     return _packed_losses(logits, batch["labels"], [e["length"] for e in ex])
 
 
@@ -281,6 +280,18 @@ def test_llama_packed_loss_equals_alone(attn, quantized, sharp_models):
     torch.testing.assert_close(_packed(model, ex), alone, atol=ATOL, rtol=0)
     # With a cache the mask builder ignores the packing: the rows then see each other. pack_collate turns it off.
     assert (_packed(model, ex, use_cache=True) - alone).abs().max() > 1e-3
+
+
+@pytest.mark.gpu
+def test_llama_packed_loss_equals_alone_with_flex_attention(sharp_models):
+    """flex_attention, which `architectures` also counts as packing exactly, on the GPU: on the CPU it has no
+    backward and compiles every shape's forward with inductor (minutes for these rows)."""
+    _, ex = _examples(sharp_models["llama"])
+    model = _load(sharp_models["llama"], attn="flex_attention").to("cuda")
+    assert supports_exact_packing(model)
+    alone = _alone(model, ex)
+    assert alone.isfinite().all()
+    torch.testing.assert_close(_packed(model, ex), alone, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["bloom", "falcon"])

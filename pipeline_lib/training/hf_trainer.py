@@ -7,7 +7,8 @@ model's loss is the *sum* of token losses divided by that count, and the micro-b
 by the number of accumulation steps. The accumulated gradient is therefore the gradient of the mean over
 every label token of the step, whatever the number of rows or tokens of each micro-batch. `QabotTrainer`
 keeps this true for models whose forward does not take loss keyword arguments by computing the same
-token-sum loss itself (`token_sum_loss`).
+token-sum loss itself (`token_sum_loss`), and with `loss_chunk_tokens` computes that loss chunk by chunk
+without the logits of every position (`training.loss`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from pipeline_lib.architectures import chunked_loss_exact
 from pipeline_lib.batching import (
     IGNORE_INDEX,
     PadCollator,
@@ -28,6 +30,7 @@ from pipeline_lib.batching import (
     supports_exact_packing,
 )
 from pipeline_lib.evaluation import score_dataset
+from pipeline_lib.training.loss import chunked_token_sum_loss
 
 
 def token_sum_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -120,11 +123,14 @@ class QabotTrainer(Trainer):
     Extra keyword arguments: `batch_size` (rows per optimizer step; `per_device_train_batch_size` x
     `gradient_accumulation_steps` must equal it), `group_by_length` (default True), `packing` (concatenate
     each micro-batch's rows; only where `supports_exact_packing`), `eval_tokens_per_batch` (token budget of an
-    evaluation batch; it changes speed and memory, never the result), `length_column` (default "length").
+    evaluation batch; it changes speed and memory, never the result), `length_column` (default "length"),
+    `loss_chunk_tokens` (None: the model's own loss on its logits; a number: `training.loss`'s chunked loss
+    with that many label tokens per chunk, where `architectures.chunked_loss_exact`, on one process).
     Without a `data_collator` it uses `pad_collate` (or `pack_collate`). The training loss is a token mean
-    over each optimizer step (see the module docstring), also for models whose forward does not take
-    `num_items_in_batch`; `evaluate()` reports `eval_loss` as the token mean over the whole evaluation set,
-    with `eval_perplexity`, `eval_bits_per_byte` and the token and byte counts (`pipeline_lib.evaluation`).
+    over each optimizer step (see the module docstring), with either loss, also for models whose forward does
+    not take `num_items_in_batch`; `evaluate()` reports `eval_loss` as the token mean over the whole
+    evaluation set (always from the logits), with `eval_perplexity`, `eval_bits_per_byte` and the token and
+    byte counts (`pipeline_lib.evaluation`).
     """
 
     def __init__(
@@ -135,6 +141,7 @@ class QabotTrainer(Trainer):
         packing: bool = False,
         eval_tokens_per_batch: int = 4096,
         length_column: str = "length",
+        loss_chunk_tokens: int | None = None,
         **kwargs: Any,
     ) -> None:
         self.batch_size = int(batch_size)
@@ -155,11 +162,34 @@ class QabotTrainer(Trainer):
                 "packing=True: packing is not exact for this model/attention implementation; "
                 "use length-grouped padded batches (packing=False)"
             )
+        self.loss_chunk_tokens = loss_chunk_tokens
+        if loss_chunk_tokens is not None:
+            config = getattr(_base_model(self.model), "config", None)
+            if loss_chunk_tokens < 1 or not chunked_loss_exact(config):
+                raise ValueError(
+                    f"loss_chunk_tokens={loss_chunk_tokens}: the chunked loss needs a positive chunk size and "
+                    "a model family whose logits are its output head applied to its decoder's output "
+                    "(architectures.chunked_loss_exact)"
+                )
+            if self.accelerator.num_processes > 1 or self.args.n_gpu > 1:
+                # it calls the model's decoder directly, past any data-parallel wrapper
+                raise ValueError("the chunked loss runs on one process and one device only")
         self.pad_token_id = _pad_id(self.processing_class, self.model)
         if user_collator is None:
             self.data_collator = pack_collate if packing else PadCollator(self.pad_token_id)
         if not self.model_accepts_loss_kwargs and self.compute_loss_func is None:
             self.compute_loss_func = token_sum_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss, or with `loss_chunk_tokens` the same token-sum loss computed chunk by chunk
+        (`training.loss`); outputs, when asked for, always come from the model's own forward."""
+        if self.loss_chunk_tokens is None or return_outputs or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        return chunked_token_sum_loss(
+            self.accelerator.unwrap_model(model), inputs, labels, num_items_in_batch, self.loss_chunk_tokens
+        )
 
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:

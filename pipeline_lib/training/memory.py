@@ -1,6 +1,7 @@
 """The memory plan: how one optimizer step of `batch_size` rows is cut into micro-batches (with or without
-gradient checkpointing) so the estimated peak stays inside the GPU memory budget, and what an out-of-memory
-error changes (`halve`). Pure arithmetic: no torch, no model.
+gradient checkpointing) so the estimated peak stays inside the GPU memory budget, which training loss it
+uses (`loss_chunk_tokens`), and what an out-of-memory error changes (`halve`). Pure arithmetic: no torch, no
+model.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class MemoryPlan:
     budget_gib: float | None
     reason: str
     estimate_gib: float | None = None  # estimated peak GPU memory (None on the CPU)
+    loss_chunk_tokens: int | None = None  # the chunked loss with chunks of this many tokens; None = plain
 
     @property
     def effective_batch(self) -> int:
@@ -38,13 +40,34 @@ class MemoryPlan:
 # - LOGIT_BYTES x vocabulary: transformers 5 computes logits at every position (`logits_to_keep=0`, which the
 #   Trainer leaves as it is), and the loss holds bf16 logits, their fp32 upcast, the log-softmax, its fp32
 #   gradient and the bf16 gradient;
-# plus LORA_STATE_BYTES per trainable parameter (fp32 weight, gradient, two Adam moments).
+# plus LORA_STATE_BYTES per trainable parameter (fp32 weight, gradient, two Adam moments). The chunked loss
+# (`training.loss`) holds the same per-element bytes for one chunk of tokens only.
 ACTIVATION_BYTES = 128
 CHECKPOINT_BYTES = 4
 EAGER_SCORE_BYTES = 10
 LOGIT_BYTES = 14
 LORA_STATE_BYTES = 16
 BUDGET_HEADROOM = 0.9  # share of the budget the estimate may use (allocator fragmentation, cuBLAS workspace)
+# `training.loss: auto` chunks the loss from this vocabulary size on, where the logits are the largest part of
+# a step: bloom-3b's 250k vocabulary gives 3.4 GiB of the 7.4 GiB estimated for 1,024 tokens, more than its
+# 4-bit weights. For the same tokens llama-3b's 32k and falcon-rw-1b's 50k vocabularies give 0.43 and
+# 0.67 GiB, which their plans fit without; they keep the plain loss, the one every GPU measurement so far was
+# made with (the chunked loss runs the head's forward twice; whether leaving the prompt positions out makes
+# up for it is not measured yet).
+CHUNKED_LOSS_MIN_VOCAB = 100_000
+
+
+def loss_chunk_tokens(settings: TrainingSettings, vocab_size: int, chunkable: bool = True) -> int | None:
+    """The chunk size of the chunked loss that `settings.loss` asks for with this vocabulary, None for the
+    plain loss. `chunkable`: whether the model's family allows it (`architectures.chunked_loss_exact`);
+    'auto' falls back to the plain loss where it does not, 'chunked' is an error."""
+    if settings.loss == "chunked" and not chunkable:
+        raise ValueError("training.loss 'chunked': not exact for this model's family; use 'auto' or 'plain'")
+    if settings.loss == "chunked" or (
+        settings.loss == "auto" and chunkable and vocab_size >= CHUNKED_LOSS_MIN_VOCAB
+    ):
+        return settings.loss_chunk_tokens
+    return None
 
 
 def estimate_peak_gib(
@@ -60,6 +83,7 @@ def estimate_peak_gib(
     eager_attention: bool = False,
     upcast_gib: float | None = None,
     trainable_params: int | None = None,
+    loss_chunk_tokens: int | None = None,
 ) -> float:
     """Estimated peak GPU memory (GiB, as `torch.cuda.max_memory_allocated` counts it) of one training step
     of `micro_batch` rows of `seq_len` tokens.
@@ -69,6 +93,7 @@ def estimate_peak_gib(
     every linear layer). Without checkpointing every layer's activations are alive when the logits are
     computed: static + layers x activations + logits. With checkpointing only the layer inputs are kept, and
     the peak is either the loss (logits) or one layer recomputed in the backward pass, whichever is larger.
+    With `loss_chunk_tokens` (the chunked loss) the logits are those of at most that many tokens.
 
     Checked against the device notes' measurements (rows of up to 512 tokens, padded, checkpointing):
     llama-3b 4 rows: estimate 4.1 GiB, measured 4.25 GiB under an 8 GiB cap; llama-3b 16 rows: estimate
@@ -82,7 +107,8 @@ def estimate_peak_gib(
     static = weights_gib + upcast + trainable * LORA_STATE_BYTES / GIB
     tokens = micro_batch * seq_len
     layer = hidden_size * ACTIVATION_BYTES + (heads * seq_len * EAGER_SCORE_BYTES if eager_attention else 0)
-    logits = tokens * vocab_size * LOGIT_BYTES
+    logit_tokens = min(tokens, loss_chunk_tokens) if loss_chunk_tokens else tokens
+    logits = logit_tokens * vocab_size * LOGIT_BYTES
     if gradient_checkpointing:
         kept = tokens * num_layers * hidden_size * CHECKPOINT_BYTES
         dynamic = kept + max(logits, tokens * layer)
@@ -110,6 +136,7 @@ def plan_memory(
     eager_attention: bool = False,
     upcast_gib: float | None = None,
     trainable_params: int | None = None,
+    chunkable: bool = True,
 ) -> MemoryPlan:
     """Choose micro-batch, accumulation and gradient checkpointing so one step keeps `batch_size` rows
     and the estimated peak (`estimate_peak_gib`, rows of `max_length` tokens) stays under
@@ -117,8 +144,10 @@ def plan_memory(
 
     Preference: no checkpointing with the largest micro-batch that fits, else checkpointing with the largest
     micro-batch that fits (`settings.gradient_checkpointing` 'on'/'off' restricts the choice). When nothing
-    fits, micro-batch 1 (with checkpointing unless it is 'off') is returned for `halve` to take over.
+    fits, micro-batch 1 (with checkpointing unless it is 'off') is returned for `halve` to take over. The loss
+    is `loss_chunk_tokens(settings, vocab_size, chunkable)`'s, on every device.
     """
+    chunk = loss_chunk_tokens(settings, vocab_size, chunkable)
     gc_setting = settings.gradient_checkpointing
     cap = settings.tokens_per_micro_batch
     micros = [d for d in _divisors_desc(batch_size) if cap is None or d * max_length <= cap] or [1]
@@ -126,7 +155,13 @@ def plan_memory(
         micro = micros[0]
         reason = "no GPU memory budget" + (f"; micro-batch capped at {cap} tokens" if cap else "")
         return MemoryPlan(
-            micro, batch_size // micro, gc_setting == "on", micro * max_length, budget_gib, reason
+            micro,
+            batch_size // micro,
+            gc_setting == "on",
+            micro * max_length,
+            budget_gib,
+            reason,
+            loss_chunk_tokens=chunk,
         )
     limit = budget_gib * BUDGET_HEADROOM
 
@@ -143,6 +178,7 @@ def plan_memory(
             eager_attention=eager_attention,
             upcast_gib=upcast_gib,
             trainable_params=trainable_params,
+            loss_chunk_tokens=chunk,
         )
 
     options = {"auto": [False, True], "on": [True], "off": [False]}[gc_setting]
@@ -159,6 +195,7 @@ def plan_memory(
                     f"est. {need:.2f} GiB of {budget_gib:.1f} GiB at micro-batch {micro}"
                     + (" with gradient checkpointing" if checkpointing else ""),
                     round(need, 3),
+                    chunk,
                 )
     checkpointing = gc_setting != "off"
     need = estimate(1, checkpointing)
@@ -170,6 +207,7 @@ def plan_memory(
         budget_gib,
         f"even micro-batch 1 is estimated at {need:.2f} GiB, above {limit:.2f} GiB of {budget_gib:.1f} GiB",
         round(need, 3),
+        chunk,
     )
 
 
@@ -191,6 +229,7 @@ def halve(plan: MemoryPlan) -> MemoryPlan | None:
             tokens,
             plan.budget_gib,
             f"halved after out-of-memory (was {plan.micro_batch})",
+            loss_chunk_tokens=plan.loss_chunk_tokens,
         )
     if not plan.gradient_checkpointing:
         return MemoryPlan(
@@ -200,5 +239,6 @@ def halve(plan: MemoryPlan) -> MemoryPlan | None:
             plan.tokens_per_micro_batch,
             plan.budget_gib,
             "gradient checkpointing switched on after out-of-memory",
+            loss_chunk_tokens=plan.loss_chunk_tokens,
         )
     return None

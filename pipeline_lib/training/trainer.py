@@ -69,11 +69,19 @@ def preflight(ctx: Context, tokenizer) -> dict[str, Any]:
     )
     dims["upcast_gib"] = upcast / GIB
     targets = modeling.resolve_lora_targets(model, s.lora, job.name)
+    chunkable = architectures.chunked_loss_exact(model.config)
     model = get_peft_model(model, modeling.lora_config(s.lora, targets, model, job.name))
     lreport = modeling.lora_report(model, job.name)
     del model
     devices.free_memory(ctx.device)
-    return {"quantization": qreport, "tokenizer": treport, "lora": lreport, "targets": targets, "dims": dims}
+    return {
+        "quantization": qreport,
+        "tokenizer": treport,
+        "lora": lreport,
+        "targets": targets,
+        "dims": dims,
+        "chunkable": chunkable,
+    }
 
 
 def initial_plan(ctx: Context, pre: dict) -> MemoryPlan:
@@ -87,6 +95,7 @@ def initial_plan(ctx: Context, pre: dict) -> MemoryPlan:
         budget_gib=budget,
         weights_gib=pre["quantization"]["footprint_bytes"] / GIB,
         trainable_params=pre["lora"]["trainable_params"],
+        chunkable=pre["chunkable"],
         **pre["dims"],
     )
 
@@ -162,5 +171,6 @@ def build_trainer(
         batch_size=job.spec.batch_size,
         group_by_length=s.training.group_by_length,
         eval_tokens_per_batch=plan.tokens_per_micro_batch or plan.micro_batch * job.spec.max_length,
+        loss_chunk_tokens=plan.loss_chunk_tokens,
     )
     return model, trainer, targets
