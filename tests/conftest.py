@@ -49,31 +49,60 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+    grouping = bool(getattr(config.option, "loadgroup", False))
     for item in items:
         names = item.fixturenames
-        if "stack" in names:
-            item.add_marker(pytest.mark.xdist_group("stack"))
-            continue
-        for fixture in EXPENSIVE_MODULE_FIXTURES:
+        group = "stack" if "stack" in names else None
+        for fixture in EXPENSIVE_MODULE_FIXTURES if group is None else ():
             if fixture in names:
-                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{fixture}"))
+                group = f"{item.module.__name__}.{fixture}"
                 break
+        if group and grouping and item.nodeid.rfind("@") <= item.nodeid.rfind("]"):
+            _suffix_nodeid(item, group)
     items.sort(key=lambda item: "stack" not in item.fixturenames)
+
+
+def _suffix_nodeid(item, group: str) -> None:
+    """`NODEID@group`, the form xdist's `loadgroup` scheduler keeps on one worker. (xdist does this for an
+    `xdist_group` mark by assigning `item._nodeid`, which pytest 9 no longer reads: its ids are `item._id`.)"""
+    grouped = f"{item.nodeid}@{group}"
+    if hasattr(item, "_id"):
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(grouped)
+    else:
+        item._nodeid = grouped
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    """The real local services, shared by every test that needs them (e2e, security, faults), started the
-    hard way: two `qabot up` at once (with the worker) on a fresh QABOT_HOME and free 127.0.0.1 ports. At the
-    end `qabot down` must stop every process they started (checked); whatever is left is killed."""
+    """The real local services, shared by every test that needs them (e2e, security, faults, postgres),
+    started the hard way: two `qabot up` at once (with the worker) on a fresh QABOT_HOME and free 127.0.0.1
+    ports, on a PostgreSQL cluster of their own where the server package is installed. At the end `qabot down`
+    must stop every process they started (checked); whatever is left is killed."""
     import json
     import signal
     import time
+    from contextlib import ExitStack
 
-    from servicekit import env_for, kill_leftovers, leftovers, ports, qabot, spawn, wait_for
+    from servicekit import (
+        env_for,
+        kill_leftovers,
+        leftovers,
+        ports,
+        postgres_cluster,
+        postgres_env,
+        qabot,
+        spawn,
+        wait_for,
+    )
 
     home = tmp_path_factory.mktemp("stack") / "home"
-    env = env_for(home)
+    cluster = ExitStack()
+    # where Debian's PostgreSQL server is installed (CI installs it), both servers keep their records there —
+    # the scale-out path, under every end-to-end run; elsewhere in SQLite files under the home
+    pg = cluster.enter_context(postgres_cluster())
+    env = env_for(home, **postgres_env(pg))
     mlflow_port, prefect_port = ports(2)
     args = ("up", "--mlflow-port", str(mlflow_port), "--prefect-port", str(prefect_port))
     results = []
@@ -98,6 +127,7 @@ def stack(tmp_path_factory):
             "results": results,
             "mlflow": mlflow_port,
             "prefect": prefect_port,
+            "postgres": pg,
         }
         down = qabot(env, "down", timeout=90)
         assert down.returncode == 0 and down.stdout.strip() == "stopped: worker, prefect, mlflow", (
@@ -107,3 +137,4 @@ def stack(tmp_path_factory):
         wait_for(lambda: not leftovers(home), 20, "every server process to end after `qabot down`")
     finally:
         kill_leftovers(home)
+        cluster.close()

@@ -6,10 +6,13 @@ exactly the processes that test started (the servers, their children, `qabot up`
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -131,3 +134,64 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------------------------
+
+PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+
+
+def _as_postgres(cmd: list[str]) -> subprocess.CompletedProcess:
+    """PostgreSQL refuses to run as root: as root, its tools run as the `postgres` user."""
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@contextmanager
+def postgres_cluster(databases: tuple[str, ...] = ("mlflow", "prefect")):
+    """A PostgreSQL cluster of its own (Debian's server package: initdb, pg_ctl) on a free loopback port, with
+    `databases`; yields {"url": "user@host:port", "sql": fn(db, query) -> text}, or None where the server
+    package is not installed. Stopped and removed on exit."""
+    if not PG_BIN:
+        yield None
+        return
+    bindir = Path(PG_BIN[-1])
+    root = Path(tempfile.mkdtemp(prefix="qabot-pg-"))  # outside pytest's own (root's, 0700) directories
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    data, (port,) = root / "data", ports(1)
+    try:
+        init = _as_postgres(
+            [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "qabot", "-E", "UTF8"]
+        )
+        assert init.returncode == 0, init.stderr[-2000:]
+        opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        start = _as_postgres(
+            [str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"]
+        )
+        assert start.returncode == 0, (start.stdout, start.stderr)
+        conn = ["-h", "127.0.0.1", "-p", str(port), "-U", "qabot"]
+        for db in databases:
+            made = _as_postgres([str(bindir / "createdb"), *conn, db])
+            assert made.returncode == 0, made.stderr
+
+        def sql(db: str, query: str) -> str:
+            out = _as_postgres([str(bindir / "psql"), *conn, "-d", db, "-tAc", query])
+            assert out.returncode == 0, out.stderr
+            return out.stdout.strip()
+
+        yield {"url": f"qabot@127.0.0.1:{port}", "sql": sql}
+    finally:
+        _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"])
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def postgres_env(pg: dict | None) -> dict[str, str]:
+    """The settings `qabot up` starts its servers on PostgreSQL with (nothing without a cluster)."""
+    if pg is None:
+        return {}
+    return {
+        "MLFLOW_BACKEND_URI": f"postgresql://{pg['url']}/mlflow",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{pg['url']}/prefect",
+    }

@@ -137,6 +137,13 @@ def test_smoke_pipeline_end_to_end(stack, tmp_path):
 
     states = _task_states(stack["home"], summary["flow_run_id"])
     assert HEAVY <= set(states), states
+    if stack["postgres"]:  # the servers run on PostgreSQL (tests/test_postgres.py): the run is a row there
+        sql = stack["postgres"]["sql"]
+        assert sql("mlflow", f"select status from runs where run_uuid = '{parent.info.run_id}'") == "FINISHED"
+        assert (
+            sql("prefect", f"select state_name from flow_run where id = '{summary['flow_run_id']}'")
+            == "Completed"
+        )
 
     # Second run, through the deployment and the process worker: every heavy task is Cached.
     proc, second = _qabot(env, "demo", "--config", str(config))

@@ -202,8 +202,11 @@ def test_prefect_auth_string_on_loopback_when_asked(tmp_path):
 
 
 def _sleeper() -> subprocess.Popen:
-    """An unrelated process in its own session (`setsid sleep`), as the one `qabot down` once killed."""
-    return subprocess.Popen(["sleep", "120"], start_new_session=True)
+    """An unrelated process in its own session (`setsid sleep`), as the one `qabot down` once killed; returned
+    once it runs `sleep` (until the exec, /proc shows the forked parent's identity)."""
+    p = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    wait_for(lambda: Path(f"/proc/{p.pid}/cmdline").read_bytes() == b"sleep\x00120\x00", 10, "sleep to start")
+    return p
 
 
 def _plant(home: Path, procs: dict, pids: dict) -> None:
