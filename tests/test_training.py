@@ -493,3 +493,36 @@ def test_halve_keeps_the_effective_batch_and_ends():
     odd = halve(MemoryPlan(6, 2, True, None, 8.0, ""))
     assert (odd.micro_batch, odd.grad_accum, odd.tokens_per_micro_batch) == (3, 4, None)
     assert halve(MemoryPlan(1, 4, True, 512, 8.0, "")) is None
+
+
+def test_a_second_run_into_the_same_directory_waits_then_returns_the_stored_result(trained, capsys):
+    """Two identical runs (same config, same output directory): the second waits while the first holds the
+    directory — a process holding its lock stands in for the first — then finds its stored result."""
+    import subprocess
+    import sys
+    import time
+
+    job = trained["bloom"]["job"]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, job.out_dir], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        again = train_stage(job)
+        waited = time.monotonic() - t0
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    assert waited >= 1.5, waited  # the holder keeps the lock 2 s
+    assert f"another run is training into {job.out_dir}; waiting for it" in capsys.readouterr().out
+    assert again.to_json() == json.loads((Path(job.out_dir) / "train_result.json").read_text())
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(2)
+"""

@@ -12,14 +12,13 @@ that fails removes whatever it created (the raw copy, new directories) and leave
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import random
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from pipeline_lib.data.errors import DataError, redact_url
 from pipeline_lib.data.loading import FIELDS, Row, _write_jsonl, load_rows, validate_row
 from pipeline_lib.data.rules import DUPLICATE, INVALID_ROW, NEAR_DUPLICATE, RULES, SAMPLED_OUT, _norm
 from pipeline_lib.data.sources import Acquired, CreatedPaths, acquire
+from pipeline_lib.files import directory_lock
 
 
 def _changed_field(before: Row, after: Row) -> str:
@@ -204,23 +204,6 @@ class PreparedData:
 _OUTPUTS = ("clean.jsonl", "train.jsonl", "eval.jsonl", "audit.json")
 
 
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """An exclusive lock on `directory` (flock on the directory itself: no lock file is left behind), so that
-    concurrent `prepare` calls into one directory move their outputs into place one whole set at a time."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: the moves are still atomic one by one
-        yield
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
 def _staged(out: Path, name: str) -> Path:
     """A unique temporary file in `out` for the output `name` (hidden, removed if the call fails)."""
     fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
@@ -284,7 +267,7 @@ def clean_acquired(
         # a lone surrogate in an example (from rows given as objects) is written as its \\u escape: still JSON
         text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
         tmp.write_bytes(text.encode("utf-8", errors="backslashreplace"))
-        with _locked(out):
+        with directory_lock(out):  # concurrent prepares into one directory: one whole set at a time
             for name in _OUTPUTS:
                 os.replace(staged.pop(name), out / name)
     finally:

@@ -28,6 +28,7 @@ from typing import Any
 
 from pipeline_lib import devices, modeling, tokenization
 from pipeline_lib.contracts import TrainResult
+from pipeline_lib.files import directory_lock
 from pipeline_lib.tracking import make_tracker
 from pipeline_lib.training import reporting, state
 from pipeline_lib.training.job import TrainJob
@@ -95,10 +96,20 @@ def train_stage(job: TrainJob, callbacks: list | None = None) -> TrainResult:
     """Fine-tune one model with QLoRA; return its adapter, child run and metrics.
 
     `callbacks`: extra `TrainerCallback`s (in-process callers only, e.g. tests that observe each step)."""
-    from datasets import load_from_disk
-
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+    def waiting() -> None:
+        print(f"train {job.spec.name}: another run is training into {out_dir}; waiting for it", flush=True)
+
+    # one run per output directory: a second identical run waits, then finds the first one's stored result
+    with directory_lock(out_dir, on_wait=waiting):
+        return _train_in(job, callbacks, out_dir)
+
+
+def _train_in(job: TrainJob, callbacks: list | None, out_dir: Path) -> TrainResult:
+    from datasets import load_from_disk
+
     device = devices.resolve_device(job.settings.device)
     tracker = make_tracker(job.tracking)
     stored = state.stored_result(job, tracker, out_dir)
