@@ -14,8 +14,8 @@ export QABOT_HOME ?= $(CURDIR)/.qabot
 
 $(BIN)/qabot: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip "$(UV_SPEC)"
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --disable-pip-version-check "$(UV_SPEC)"
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e ".[dev]"
 	touch $@
 

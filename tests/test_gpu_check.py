@@ -266,28 +266,6 @@ def test_synthetic_rows_have_alpacas_lengths_and_their_record(tmp_path):
     assert data.train.label_tokens == sum(sum(x != -100 for x in r) for r in rows["labels"])
 
 
-def test_the_check_never_imports_prefect_or_mlflow():
-    """Everything the check and its sections import (the GPU machine has neither package), and the library it
-    finds is this checkout's."""
-    code = textwrap.dedent(
-        f"""
-        import importlib, sys
-        sys.path.insert(0, {str(ROOT)!r})
-        from benchmarks.gpu_check import anchor, cli, models, runner, sections, table
-        for name in sections.PRELOAD:
-            importlib.import_module(name)
-        import pipeline_lib
-        print(pipeline_lib.__file__)
-        print(sorted(m for m in sys.modules if m.split(".")[0] in ("prefect", "mlflow")))
-        """
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    library, imported = proc.stdout.strip().splitlines()[-2:]
-    assert imported == "[]"
-    assert Path(library).parent == ROOT / "pipeline_lib"
-
-
 def test_tiny_run_end_to_end(tmp_path):
     """The whole check on the CPU with the three families' tiny configs, no anchor (about 20 s on 2 cores).
     The library's fault hook makes every micro-batch above 2 rows run out of memory from the second step on,
@@ -313,7 +291,7 @@ def test_tiny_run_end_to_end(tmp_path):
         assert m["quant"]["check"] == "ok" and m["stage_share_4bit"] == 1.0
         assert m["train"]["real_tok_s"] > 0 and m["train"]["steps_timed"] == 2 and m["train"]["steps"] == 3
         assert m["optimizer"] == "adamw_torch" and m["peak_gib"] is None and m["process_rss_gib"] > 0
-        assert m["imported"] == {"prefect": False, "mlflow": False}
+        assert m["imported"] == {"prefect": False, "mlflow": False}  # the GPU machine has neither package
         assert data["checks"]["share_4bit"][name] == 1.0
         assert next(line for line in out.splitlines() if line.startswith(name)).endswith(
             "1 OOM->halved" if family == "llama" else " ok"
