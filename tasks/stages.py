@@ -47,8 +47,9 @@ from pipeline_lib.promotion import PromoteJob, promote_stage
 from pipeline_lib.tokenization import TokenizeJob, tokenize_stage
 from pipeline_lib.tracking import TrackingTarget
 from pipeline_lib.training import TrainJob
+from pipeline_lib.training.job import PROGRESS_FILE
 from tasks.caching import heals
-from tasks.progress import ProgressSpan
+from tasks.progress import ProgressSpan, run_reporting
 
 CACHED = INPUTS + TASK_SOURCE
 # Inputs that say where to log, not what to compute: a rerun under a new parent run still hits the cache.
@@ -165,8 +166,13 @@ def train_model(
         parent_run_id=parent_run_id,
     )
     isolate = isolation.wanted(settings.process_isolation, settings.device)
-    return isolation.call(
-        training.train_stage, job, isolate=isolate, log_path=out / "train.log", label=f"train {spec.name}"
+    return run_reporting(  # the run's progress artifact follows the stage's progress file
+        lambda: isolation.call(
+            training.train_stage, job, isolate=isolate, log_path=out / "train.log", label=f"train {spec.name}"
+        ),
+        out / PROGRESS_FILE,
+        progress,
+        spec.name,
     )
 
 

@@ -6,6 +6,7 @@ Keys are computed with each task's own cache policy (what Prefect does before ru
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from types import SimpleNamespace
 
 import fakes
@@ -244,3 +245,38 @@ def test_every_cached_task_heals_and_every_result_names_its_outputs():
         "merged": ["/mm/llama-tiny"],
         "answered": ["/ans.jsonl"],
     }
+
+
+def test_the_train_task_moves_the_progress_artifact_as_the_stage_writes_its_progress_file(
+    monkeypatch, tmp_path
+):
+    """While the stage trains, its progress file (step of max_steps) moves the run's progress artifact within
+    this model's share; at the end the model's share is full."""
+    import json
+    import time
+
+    from tasks import progress as progress_mod
+
+    monkeypatch.setenv("QABOT_HOME", str(tmp_path))
+    seen: list[tuple[float, str | None]] = []
+    monkeypatch.setattr(
+        progress_mod,
+        "update",
+        lambda span, fraction, note=None: seen.append((round(span.start + span.share * fraction, 1), note)),
+    )
+
+    def fake_call(fn, job, **kwargs):  # the stage: writes its progress file as it goes
+        job_dir = Path(job.out_dir)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        for step in (2, 4):
+            (job_dir / "progress.json").write_text(json.dumps({"step": step, "max_steps": 4}))
+            time.sleep(2.3)
+        return TRAINED
+
+    monkeypatch.setattr(stages.isolation, "call", fake_call)
+    span = ProgressSpan(artifact_id="a", start=50.0, share=50.0)
+    result = stages.train_model.fn(MODEL, TOKENIZED, SPEC, SETTINGS, None, TRACKING, span)
+    assert result == TRAINED
+    percents = [p for p, _ in seen]
+    assert percents[0] == 75.0 and percents[-1] == 100.0 and percents == sorted(percents), seen
+    assert seen[-1][1] == f"{SPEC.name}: trained" and f"{SPEC.name}: 50% of its steps" in [n for _, n in seen]

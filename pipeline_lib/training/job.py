@@ -10,6 +10,10 @@ from pipeline_lib.config import ModelSpec, TrainSettings
 from pipeline_lib.contracts import ResolvedModel, TokenizedData
 from pipeline_lib.tracking import TrackingTarget
 
+PROGRESS_FILE = (
+    "progress.json"  # {"step", "max_steps", "epoch"} in the output directory, for progress displays
+)
+
 
 class TrainJob(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

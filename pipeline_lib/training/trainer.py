@@ -12,7 +12,7 @@ from pipeline_lib.batching import PadCollator
 from pipeline_lib.devices import GIB
 from pipeline_lib.training.faults import fault_callbacks
 from pipeline_lib.training.hf_trainer import QabotTrainer
-from pipeline_lib.training.job import TrainJob
+from pipeline_lib.training.job import PROGRESS_FILE, TrainJob
 from pipeline_lib.training.memory import MemoryPlan, plan_memory
 
 
@@ -31,9 +31,6 @@ class Context:
     @property
     def ckpt_dir(self) -> Path:
         return self.out_dir / "checkpoints"
-
-
-PROGRESS_FILE = "progress.json"  # {"step", "max_steps", "epoch"}: read by whoever shows progress
 
 
 def progress_callback(path: Path):
