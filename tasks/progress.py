@@ -7,6 +7,7 @@ context is), turns that file into the artifact's percentage: model k of n covers
 
 from __future__ import annotations
 
+import contextvars
 import json
 import threading
 from collections.abc import Callable
@@ -58,7 +59,10 @@ def run_reporting(work: Callable[[], T], progress_file: Path, span: ProgressSpan
         except BaseException as err:  # re-raised in the caller's thread
             result["error"] = err
 
-    thread = threading.Thread(target=target, name=f"stage-{label}", daemon=True)
+    # the stage's thread sees this thread's context (Prefect's run context: its prints are logged like the
+    # task's own, not written to stdout)
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(target,), name=f"stage-{label}", daemon=True)
     thread.start()
     last = None
     while thread.is_alive():

@@ -43,6 +43,11 @@ def _qabot(env, *args, timeout=900):
     return proc, time.time() - t0
 
 
+def _printed_summary(stdout: str) -> dict:
+    """The JSON summary `qabot run` prints (indented, starting with its "seconds")."""
+    return json.loads(stdout[stdout.index('{\n  "seconds"') : stdout.rindex("}") + 1])
+
+
 def _task_states(home, flow_run_id):
     from flows.services import prefect_api  # CSRF token (and auth) included
 
@@ -81,7 +86,7 @@ def test_smoke_pipeline_end_to_end(stack, tmp_path):
     config.write_text(E2E_CONFIG)
     proc, first = _qabot(env, "run", "--config", str(config), "--no-services")
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
-    summary = json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])
+    summary = _printed_summary(proc.stdout)
 
     client = MlflowClient(tracking_uri=st["mlflow_url"])
     parent = client.get_run(summary["parent_run_id"])
@@ -179,7 +184,7 @@ def test_smoke_pipeline_end_to_end(stack, tmp_path):
     # (not tracked in MLflow: only the Prefect task states are read; where to log is not part of a cache key)
     proc, _ = _qabot(env, "run", "--config", str(one), "--no-services", "--no-track")
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
-    third = json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])
+    third = _printed_summary(proc.stdout)
     states = _task_states(stack["home"], third["flow_run_id"])
     for name in ("acquire-data", "clean-data", "tokenize", "train", "merge"):
         assert states.get(name) == ["Completed"], (name, states.get(name))
