@@ -120,14 +120,9 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
                 answers.question_score,
             )
         title = f"{config.name}: {', '.join(r.model_name for r in results)}"
-        data = f"{redact_url(config.data.source)}, {prepared['rows_in']} rows in, {prepared['n_train']} trained on, {prepared['n_eval']} held out"
-        comparison = stages.compare_models(results, parent, tracking, title, data)
+        comparison = stages.compare_models(results, parent, tracking, title, _data_line(config, prepared))
         summary = {
-            "flow_run_id": str(flow_run.get_id()),
-            "parent_run_id": parent,
-            "parent_run_url": comparison.parent_run_url,
-            "report_dir": comparison.report_dir,
-            "best_model": comparison.best_model,
+            **_summary_head(parent, comparison),
             "models": {
                 r.model_name: {
                     "child_run_id": r.train.run_id,
@@ -156,16 +151,11 @@ def _skip_training(config: RunConfig, decision, prepared: dict, parent: str | No
     results = stages.previous_results(decision.previous_run_id, tracking)
     if config.refresh_comparison and results:
         title = f"{config.name}: {', '.join(r.model_name for r in results)} (trained in run {decision.previous_run_id})"
-        data = f"{redact_url(config.data.source)}, {prepared['rows_in']} rows in, {prepared['n_train']} trained on, {prepared['n_eval']} held out"
-        comparison = stages.compare_models(results, parent, tracking, title, data)
+        comparison = stages.compare_models(results, parent, tracking, title, _data_line(config, prepared))
     else:
         comparison = stages.previous_comparison(decision.previous_run_id, tracking)
     summary = {
-        "flow_run_id": str(flow_run.get_id()),
-        "parent_run_id": parent,
-        "parent_run_url": comparison.parent_run_url,
-        "report_dir": comparison.report_dir,
-        "best_model": comparison.best_model,
+        **_summary_head(parent, comparison),
         "retrain": decision.to_json(),
         "models": {
             r.model_name: {"child_run_id": r.train.run_id, "question_score": r.answers.question_score}
@@ -174,3 +164,22 @@ def _skip_training(config: RunConfig, decision, prepared: dict, parent: str | No
     }
     stages.finish_parent_run(parent, tracking, "FINISHED", summary)
     return Completed(message=f"training skipped: {decision.reason}", data=summary)
+
+
+def _data_line(config: RunConfig, prepared: dict) -> str:
+    """The report's data line: the source (its URL secrets redacted) and the row counts."""
+    return (
+        f"{redact_url(config.data.source)}, {prepared['rows_in']} rows in, "
+        f"{prepared['n_train']} trained on, {prepared['n_eval']} held out"
+    )
+
+
+def _summary_head(parent: str | None, comparison) -> dict:
+    """What every run's summary starts with: where its runs and report are."""
+    return {
+        "flow_run_id": str(flow_run.get_id()),
+        "parent_run_id": parent,
+        "parent_run_url": comparison.parent_run_url,
+        "report_dir": comparison.report_dir,
+        "best_model": comparison.best_model,
+    }
