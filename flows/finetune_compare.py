@@ -3,10 +3,12 @@
 Composition only: every step is a task in `tasks.stages`. Models are trained one after another on the one
 GPU; each heavy step is cached, so a rerun with unchanged data and settings only rebuilds the report.
 From its retraining decision to its end, a run holds a slot of the `qabot-gpu` concurrency limit
-(`tasks.gpu`): runs started together train one after the other. With `retrain: on_change`, a run whose data
-and training settings equal those of the last trained run skips fine-tuning and ends Completed with the
-reason as its message. A promotion that waits for a reviewer (`promotion.approval`) pauses the run between
-deciding and applying.
+(`tasks.gpu`): runs started together train one after the other, and the later one decides knowing what the
+earlier one trained. With `retrain: on_change`, a run whose data and training settings equal those of the last
+trained run skips fine-tuning and ends Completed with the reason as its message. A promotion that waits for a
+reviewer (`promotion.approval`) pauses the run once the report is built, and gives the slot back first: a run
+waiting for a person never keeps another from training (that one, deciding meanwhile, retrains, since the
+paused run has not finished).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pipeline_lib.tracking import TrackingTarget, target_from_env
 from tasks import approval, stages
 from tasks.gpu import gpu_slot
 from tasks.progress import ProgressSpan
+from tasks.progress import update as progress_update
 
 DEFAULT_CONFIG = load_config("smoke")
 
@@ -91,13 +94,10 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
                 trained.run_id,
                 tracking,
             )
-            promotion = stages.promote_model(trained, merged, answers, registered, config.promotion, tracking)
-            if promotion.decision == "pending":
-                verdict = approval.ask_reviewer(promotion, config.promotion.approval_timeout_s)
-                promotion = stages.promote_model(
-                    trained, merged, answers, registered, config.promotion, tracking, verdict
-                )
-            promotions[spec.name] = promotion
+            progress_update(span, 1.0, f"{spec.name} trained")  # also when its training was Cached
+            promotions[spec.name] = stages.promote_model(
+                trained, merged, answers, registered, config.promotion, tracking
+            )
             results.append(
                 ModelResult(
                     model_name=spec.name,
@@ -121,6 +121,15 @@ def finetune_compare(config: RunConfig = DEFAULT_CONFIG) -> dict:
             )
         title = f"{config.name}: {', '.join(r.model_name for r in results)}"
         comparison = stages.compare_models(results, parent, tracking, title, _data_line(config, prepared))
+        if any(p.decision == "pending" for p in promotions.values()):
+            held.close()  # a run waiting for a person never keeps another from training
+        for r in results:  # a reviewer decides with the report at hand
+            if promotions[r.model_name].decision == "pending":
+                verdict = approval.ask_reviewer(promotions[r.model_name], config.promotion.approval_timeout_s)
+                promotions[r.model_name] = stages.promote_model(
+                    r.train, r.merge, r.answers, promotions[r.model_name].registered_name,
+                    config.promotion, tracking, verdict,
+                )  # fmt: skip
         summary = {
             **_summary_head(parent, comparison),
             "models": {

@@ -461,6 +461,12 @@ def service_env(home: Path | None = None) -> dict[str, str]:
     elif not os.environ.get("PREFECT_API_URL") and st.get("prefect_auth") and _auth_file(home).exists():
         env["PREFECT_API_AUTH_STRING"] = _auth_file(home).read_text().strip()
     env["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] = "true"
+    if not env[
+        "PREFECT_API_URL"
+    ]:  # a temporary server per run: Prefect's 20 s start limit fails on a busy machine
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = os.environ.get(
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"
+        )
     env.update(_telemetry_off())
     return {k: v for k, v in env.items() if v}
 

@@ -1,8 +1,8 @@
 """One training run per GPU: a Prefect global concurrency limit, `qabot-gpu`, one slot per GPU.
 
-A flow run holds one slot from just before it decides whether to train until it ends (`gpu_slot`), so two
-runs started together train one after the other, and the second decides on retraining only after the first
-has recorded what it trained. The limit lives in the Prefect server every run reports to, so it serialises
+A flow run holds one slot from just before it decides whether to train until it ends, or until it pauses for
+a reviewer's approval (`gpu_slot`), so two runs started together train one after the other, and the second
+decides on retraining only after the first has recorded what it trained. The limit lives in the Prefect server every run reports to, so it serialises
 every way of starting a run: deployments through the worker, `qabot run` in a process of its own, and runs
 against the ephemeral server of `--no-services` (its database is shared by the processes of one
 PREFECT_HOME). A slot is a lease the run renews while it lives: a killed run gives its slot back within the

@@ -86,3 +86,30 @@ def test_tokenizer_advice_follows_the_model_cards():
     assert FAMILIES["llama"].use_fast_advice("openlm-research/open_llama_3b") is False
     assert FAMILIES["llama"].use_fast_advice("meta-llama/Llama-3.2-1B") is None
     assert FAMILIES["bloom"].use_fast_advice("bigscience/bloom-3b") is None
+
+
+def test_pretraining_batches_take_every_row_once_per_pass_with_little_padding():
+    """The tiny models' pre-training batches (`tiny.length_grouped_batches`): a pass over the corpus is a
+    permutation of its rows cut into batches of `batch_size`, and rows of similar length share a batch, so
+    padding is a small share of the tokens (random batches of this corpus are more than half padding)."""
+    import random
+
+    from pipeline_lib.tiny import length_grouped_batches
+
+    rng = random.Random(5)
+    lengths = [rng.choice([3, 8, 20, 40, 97]) + rng.randrange(4) for _ in range(4000)]
+    batches = length_grouped_batches(lengths, 32, seed=1)
+    one_pass = [next(batches) for _ in range(4000 // 32)]
+    assert all(len(b) == 32 for b in one_pass)
+    assert sorted(i for b in one_pass for i in b) == list(range(4000))
+    second = [next(batches) for _ in range(4000 // 32)]
+    assert sorted(i for b in second for i in b) == list(range(4000)) and second != one_pass
+
+    def padding(batch_list):
+        real = sum(lengths[i] for b in batch_list for i in b)
+        return 1 - real / sum(max(lengths[i] for i in b) * len(b) for b in batch_list)
+
+    shuffled = list(range(4000))
+    rng.shuffle(shuffled)
+    assert padding([shuffled[k : k + 32] for k in range(0, 4000, 32)]) > 0.5
+    assert padding(one_pass) < 0.1

@@ -160,6 +160,7 @@ def test_smoke_pipeline_end_to_end(stack, tmp_path):
     # the run's URL comes first, then each stage as it ends, then the summary per model
     out = proc.stdout
     assert out.index("(submitted; the worker starts it)") < out.index("✓ train") < out.index("Summary:")
+    assert "100%" in out[: out.index("Summary:")], "the progress reaches 100% when every training is Cached"
     assert all(f"  {m}" in out[out.index("Summary:") :] for m in ("llama-tiny", "bloom-tiny", "falcon-tiny"))
     flow_run_id = proc.stdout.split("/runs/flow-run/")[1].split()[0]
     states = _task_states(stack["home"], flow_run_id)

@@ -124,10 +124,8 @@ def test_each_stage_gets_what_the_one_before_returned(monkeypatch):
     summary = flow_module.finetune_compare.fn(config)
 
     names = rec.names()
-    assert names[:2] == ["preflight", "start_parent_run"] and names[-2:] == [
-        "finish_parent_run",
-        "gpu_slot_released",
-    ]
+    assert names[:2] == ["preflight", "start_parent_run"]
+    assert names[-2:] == ["finish_parent_run", "gpu_slot_released"]
     # the GPU slot is taken before the decision and every model stage, and given back after the parent run ends
     assert names.index("gpu_slot") < names.index("decide_retraining") < names.index("tokenize_data")
     (decide,) = rec.args("decide_retraining")
@@ -199,6 +197,7 @@ def test_a_promotion_waiting_for_a_reviewer_asks_then_applies_the_answer(monkeyp
 
     def ask_reviewer(result, timeout_s):
         asked.append((result.model_name, result.decision, timeout_s))
+        rec.calls.append(("ask_reviewer", {}))
         return "refused" if result.model_name == "bloom-tiny" else "approved"
 
     monkeypatch.setattr(flow_module.approval, "ask_reviewer", ask_reviewer)
@@ -208,8 +207,12 @@ def test_a_promotion_waiting_for_a_reviewer_asks_then_applies_the_answer(monkeyp
     models = [m.name for m in config.models]
     assert asked == [(m, "pending", 60) for m in models]
     verdicts = [kw.get("verdict") for kw in rec.args("promote_model")]
-    assert verdicts == [None, "approved", None, "refused", None, "approved"]
-    assert rec.names()[-2:] == ["finish_parent_run", "gpu_slot_released"]
+    # every model is decided first; the reviewer is asked once the report is built and the GPU slot is given
+    # back (a run waiting for a person never keeps another from training), then each answer is applied
+    assert verdicts == [None, None, None, "approved", "refused", "approved"]
+    names = rec.names()
+    assert names.index("compare_models") < names.index("gpu_slot_released") < names.index("ask_reviewer")
+    assert names[-2:] == ["promote_model", "finish_parent_run"]
     assert summary["models"]["bloom-tiny"]["promotion"]["reason"] == "verdict refused"
 
 
