@@ -56,7 +56,8 @@ def cmd_up(args) -> int:
     from flows import services
 
     st = services.up(mlflow_port=args.mlflow_port, prefect_port=args.prefect_port, worker=not args.no_worker)
-    print(f"MLflow:  {st['mlflow_url']}")
+    where = f" (artifacts: {st['mlflow_artifacts']})" if st.get("mlflow_artifacts") else ""
+    print(f"MLflow:  {st['mlflow_url']}{where}")
     print(f"Prefect: {st['prefect_url']}")
     if st.get("prefect_auth_file"):
         f = st["prefect_auth_file"]

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from contextlib import contextmanager
@@ -393,6 +394,79 @@ def bind_host() -> tuple[str, bool]:
     return host, all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
 
+# S3 and the S3-compatible stores MLflow reaches through boto3 (the `s3` extra)
+_BOTO3_SCHEMES = ("s3", "r2", "b2")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]")
+
+
+def mlflow_artifacts() -> str | None:
+    """Where the MLflow server `up` starts keeps its artifacts: $MLFLOW_ARTIFACTS, checked before anything
+    starts; None for the default ($QABOT_HOME/mlflow/artifacts). A local path is made absolute (the server runs
+    in the project directory). s3:// needs a bucket (s3://BUCKET[/PREFIX]) and boto3 in this environment;
+    MLFLOW_S3_ENDPOINT_URL, when set, an http(s) URL. Any other scheme must be one MLflow stores artifacts in.
+    A bad value is a one-line ValueError naming it (never a secret written into it)."""
+    value = os.environ.get("MLFLOW_ARTIFACTS", "").strip()
+    if not value:
+        return None
+    m = _SCHEME.match(value)
+    if not m:
+        return os.path.abspath(os.path.expanduser(value))
+    scheme = m.group(1).lower()
+    if scheme == "file":
+        return value
+    parts = urllib.parse.urlsplit(value)
+    if "@" in parts.netloc:
+        from pipeline_lib.data.errors import redact_url
+
+        raise ValueError(
+            f"MLFLOW_ARTIFACTS={redact_url(value)!r}: no credentials in the URL; the server reads them from "
+            "its environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)"
+        )
+    name = f"MLFLOW_ARTIFACTS={value!r}"
+    if not value[m.end() :].startswith("//"):
+        raise ValueError(
+            f"{name}: expected {'s3://BUCKET[/PREFIX]' if scheme == 's3' else scheme + '://...'}"
+        )
+    if scheme == "s3":
+        if not parts.netloc:
+            raise ValueError(f"{name}: no bucket; expected s3://BUCKET[/PREFIX]")
+        if not _BUCKET.fullmatch(parts.netloc):
+            raise ValueError(
+                f"{name}: {parts.netloc!r} is not a bucket name; expected s3://BUCKET[/PREFIX] "
+                "(the service's address goes in MLFLOW_S3_ENDPOINT_URL)"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError(f"{name}: expected s3://BUCKET[/PREFIX], without ?query or #fragment")
+    elif scheme not in (_artifact_schemes() or {scheme}):
+        raise ValueError(
+            f"{name}: MLflow has no artifact store for {scheme}:// "
+            "(e.g. s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, a local directory)"
+        )
+    if scheme in _BOTO3_SCHEMES:
+        import importlib.util
+
+        if importlib.util.find_spec("boto3") is None:
+            raise ValueError(
+                f"{name}: the MLflow server needs boto3 for {scheme}:// (pip install -e '.[s3]')"
+            )
+        endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL", "").strip()
+        url = urllib.parse.urlsplit(endpoint)
+        if endpoint and (url.scheme not in ("http", "https") or not url.hostname):
+            raise ValueError(
+                f"MLFLOW_S3_ENDPOINT_URL={endpoint!r}: expected http(s)://HOST[:PORT] of the S3-compatible service"
+            )
+    return value
+
+
+def _artifact_schemes() -> set[str] | None:
+    """MLflow's artifact store schemes, asked only for a scheme other than s3 or file (importing MLflow takes
+    seconds); None where they cannot be listed: the server then says."""
+    from pipeline_lib.tracking import artifact_schemes
+
+    return artifact_schemes()
+
+
 def _auth_file(home: Path) -> Path:
     return home / "prefect-auth"
 
@@ -519,17 +593,20 @@ def up(
     mlflow_port: int | None = None,
     prefect_port: int | None = None,
     worker: bool = True,
+    prefect: bool = True,
 ) -> dict:
-    """Start whatever is not running yet; return the state (URLs, pids)."""
+    """Start whatever is not running yet; return the state (URLs, pids). `prefect=False`: the MLflow server
+    alone (no Prefect server, worker or concurrency limit)."""
     home = Path(home or qabot_home())
     with _private_umask():
         _private_dir(home)
         with _locked(home):
-            return _up(home, mlflow_port, prefect_port, worker)
+            return _up(home, mlflow_port, prefect_port, worker, prefect)
 
 
-def _up(home: Path, mlflow_port: int | None, prefect_port: int | None, worker: bool) -> dict:
+def _up(home: Path, mlflow_port: int | None, prefect_port: int | None, worker: bool, prefect: bool) -> dict:
     host, loopback = bind_host()  # bad input stops here, before anything starts
+    artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else mlflow_artifacts()
     state = read_state(home)
     procs = state.setdefault("procs", {})
     base_env = {
@@ -545,6 +622,16 @@ def _up(home: Path, mlflow_port: int | None, prefect_port: int | None, worker: b
     if os.environ.get("MLFLOW_TRACKING_URI"):
         state["mlflow_url"] = os.environ["MLFLOW_TRACKING_URI"]
         state["mlflow_external"] = True
+        state.pop("mlflow_artifacts", None)  # that server's own business
+    elif (
+        is_running(procs.get("mlflow"))
+        and artifacts
+        and state.get("mlflow_artifacts", artifacts) != artifacts
+    ):
+        raise ServiceError(
+            f"the MLflow server runs with its artifacts in {state['mlflow_artifacts']}, not {artifacts}; "
+            "`qabot down` first"
+        )
     elif not (
         is_running(procs.get("mlflow"))
         and _wait_existing(state["mlflow_url"] + "/health", "MLflow", procs["mlflow"])
@@ -556,13 +643,18 @@ def _up(home: Path, mlflow_port: int | None, prefect_port: int | None, worker: b
             "MLFLOW_PORT": str(port),
             "MLFLOW_HOME": str(store),
             "MLFLOW_BIN": str(bindir / "mlflow"),
+            "MLFLOW_ARTIFACTS": artifacts or str(store / "artifacts"),
         }
         proc, rec = _spawn("mlflow", ["bash", str(PROJECT_DIR / "mlflow" / "start.sh")], env, home)
         state["mlflow_url"] = f"http://{LOOPBACK}:{port}"
+        state["mlflow_artifacts"] = env["MLFLOW_ARTIFACTS"]
         state.pop("mlflow_external", None)
         _started("mlflow", proc, rec, home, state)
         _wait(state["mlflow_url"] + "/health", "MLflow server", proc, rec, logs / "mlflow.log", START_TIMEOUT)
         _refresh("mlflow", proc, rec, home, state)
+    if not prefect:
+        _write_state(home, state)
+        return state
 
     if os.environ.get("PREFECT_API_URL"):
         state["prefect_url"] = os.environ["PREFECT_API_URL"].removesuffix("/api")

@@ -470,6 +470,17 @@ class _quiet_active_run:
         return False
 
 
+def artifact_schemes() -> set[str] | None:
+    """The URI schemes MLflow has an artifact store for (`mlflow server --artifacts-destination`); None where
+    this MLflow keeps that registry elsewhere. Imports MLflow: seconds."""
+    try:
+        from mlflow.store.artifact.artifact_repository_registry import _artifact_repository_registry
+
+        return {s.lower() for s in _artifact_repository_registry._registry}
+    except (ImportError, AttributeError):
+        return None
+
+
 def make_tracker(target: TrackingTarget | None) -> Tracker:
     if target is None or not target.enabled:
         return NullTracker(target)
