@@ -324,8 +324,11 @@ class RunConfig(_Strict):
         ),
     )
     data: DataConfig = Field(default_factory=DataConfig, description="Instruction data.")
+    # Not required by the schema (a default, checked below): a deployment's parameter `{profile: smoke}` must pass
+    # the Prefect server's check against this schema before the preset fills in its models.
     models: list[ModelSpec] = Field(
-        ..., min_length=1, description="Base models, fine-tuned one after another."
+        default_factory=list,
+        description="Base models, fine-tuned one after another (the profile's when not given).",
     )
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="4-bit loading.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter.")
@@ -360,6 +363,10 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
+        if not self.models:
+            raise ValueError(
+                "models: at least one model is needed (or a profile that has them: smoke, report)"
+            )
         names = [m.name for m in self.models]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

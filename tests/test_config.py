@@ -223,3 +223,21 @@ def test_every_allowed_optimizer_is_one_transformers_knows():
     }
     assert len(known) > 20 and set(OPTIMIZERS) <= known, set(OPTIMIZERS) - known
     assert {"adamw_torch", "paged_adamw_8bit"} <= set(OPTIMIZERS)
+
+
+@pytest.mark.parametrize("prefect_file", ["prefect.yaml", "deploy/k8s-gpu/prefect.yaml"])
+def test_every_deployment_parameter_passes_the_prefect_servers_schema_check(prefect_file):
+    """What the Prefect server does before it creates a flow run of a deployment (`prefect deployment run`, the
+    UI's Run button, a schedule): the deployment's parameters, checked against the flow's parameter schema as
+    `prefect deploy` records it. A preset (`{profile: smoke}`) passes before the flow fills in its models."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import validate
+
+    from flows.finetune_compare import finetune_compare
+
+    schema = parameter_schema(finetune_compare).model_dump_for_openapi()
+    for dep in yaml.safe_load((ROOT / prefect_file).read_text())["deployments"]:
+        assert dep.get("enforce_parameter_schema", True), dep["name"]
+        validate(dep["parameters"], schema, raise_on_error=True)
+    with pytest.raises(Exception, match="config"):  # the check is real: a wrong type is refused
+        validate({"config": {"profile": "smoke", "models": "llama"}}, schema, raise_on_error=True)

@@ -90,8 +90,6 @@ def test_each_deployment_runs_this_repos_flow_on_the_pool(deployment, monkeypatc
     assert re.search(rf"^@flow\(.*\)\ndef {name}\(", source, re.M), deployment["entrypoint"]
     cfg = parse_config(deployment["parameters"]["config"], f"deployment {deployment['name']}")
     assert cfg.profile in PROFILES
-    # `{profile: ...}` becomes a whole RunConfig in the flow's own validation; the server's schema check refuses it
-    assert deployment["enforce_parameter_schema"] is False
     assert deployment["work_pool"]["name"] == POOL
 
     # as `prefect deploy` fills in the environment, and the server then checks a flow run's job variables
