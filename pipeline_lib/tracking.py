@@ -247,7 +247,12 @@ class MlflowTracker:
         uri = self.target.uri or ""
         if not uri.startswith("http"):
             return None
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id or self.experiment_id}/runs/{run_id}"
+        # workflowType: MLflow 3's UI opens its GenAI view unless the link asks for the model-training one (the
+        # experiment's mlflow.experimentKind tag alone does not switch a fresh browser)
+        return (
+            f"{uri.rstrip('/')}/#/experiments/{experiment_id or self.experiment_id}/runs/{run_id}"
+            "?workflowType=machine_learning"
+        )
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         """(timestamp in ms, value) of every value of one metric of a run, oldest first."""

@@ -123,7 +123,9 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
     return resolve_base_model(spec, qabot_home() / "models" / "base")
 
 
-@task(name="tokenize", cache_policy=heals(CACHED), persist_result=True)
+# log_prints off: `datasets` hashes functions with dill, which reads their globals from a `dis.dis` printout it
+# captures from stdout; a print logged by Prefect instead filled the run's log with bytecode and left dill blind.
+@task(name="tokenize", cache_policy=heals(CACHED), persist_result=True, log_prints=False)
 def tokenize_data(
     prepared: dict, model: ResolvedModel, max_length: int, use_fast: bool | None, long_rows: str = "cut"
 ) -> TokenizedData:

@@ -1,19 +1,21 @@
 """End to end: the smoke pipeline through a real MLflow server and a real Prefect server.
 
 1. `qabot up` starts MLflow + Prefect on free localhost ports under a fresh QABOT_HOME;
-2. `qabot run` (the smoke preset, fewer steps) trains the three tiny architectures with real 4-bit QLoRA,
-   merges, answers;
+2. `qabot demo --config` (the smoke preset, fewer steps) runs the deployment through the process worker: it
+   trains the three tiny architectures with real 4-bit QLoRA, merges, answers;
 3. MLflow holds one parent run with 3 child runs, step-wise loss, artifacts, an answer per question and model;
-4. the same config as a deployment run through the process worker finds every heavy task Cached;
+4. the same config run by `qabot run` in a process of its own finds every heavy task Cached;
 5. changed data re-runs tokenize and train (and what follows them);
 6. bad data stops the flow in the data stage with one line: no run at all when pre-flight sees it, else one
    FAILED parent run without children;
-7. `qabot down` stops exactly what was started.
+7. in headless Chromium, the Prefect flow-run page and the MLflow runs show what a user must see there;
+8. `qabot down` stops exactly what was started.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -65,6 +67,9 @@ def _task_states(home, flow_run_id):
     return out
 
 
+WORKER_RUN: dict[str, str] = {}  # the deployment run through the worker, for the browser test
+SCREENSHOTS = ROOT / "test-output" / "screenshots"
+
 # The smoke preset with a few steps per model: the pipeline's every stage, in a fraction of its time.
 E2E_CONFIG = """profile: smoke
 name: e2e
@@ -84,9 +89,25 @@ def test_smoke_pipeline_end_to_end(stack, tmp_path):
     env, st = stack["env"], stack["state"]
     config = tmp_path / "e2e.yaml"
     config.write_text(E2E_CONFIG)
-    proc, first = _qabot(env, "run", "--config", str(config), "--no-services")
+    # First run: the config as a deployment run through the process worker, followed from the terminal.
+    proc, first = _qabot(env, "demo", "--config", str(config))
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
-    summary = _printed_summary(proc.stdout)
+    out = proc.stdout
+    assert "Prefect flow run: http://127.0.0.1" in out and "MLflow parent run: http://127.0.0.1" in out
+    # the run's URL comes first, then each stage as it ends with the training progress, then the summary
+    assert out.index("(submitted; the worker starts it)") < out.index("✓ train") < out.index("Summary:")
+    assert "100%" in out[: out.index("Summary:")], "the training progress reaches 100%"
+    assert all(f"  {m}" in out[out.index("Summary:") :] for m in ("llama-tiny", "bloom-tiny", "falcon-tiny"))
+    WORKER_RUN.update(
+        flow_run_id=out.split("/runs/flow-run/")[1].split()[0],
+        flow_run_url=out.split("Prefect flow run: ")[1].split()[0],
+        parent_run_url=out.split("MLflow parent run: ")[1].split()[0],
+    )
+    summary = {
+        "flow_run_id": WORKER_RUN["flow_run_id"],
+        "parent_run_id": WORKER_RUN["parent_run_url"].split("/runs/")[1].split("?")[0],
+        "report_dir": str(Path(out.split("Report: ")[1].split("\n")[0].strip()).parent),
+    }
 
     client = MlflowClient(tracking_uri=st["mlflow_url"])
     parent = client.get_run(summary["parent_run_id"])
@@ -150,23 +171,13 @@ def test_smoke_pipeline_end_to_end(stack, tmp_path):
             == "Completed"
         )
 
-    # Second run, through the deployment and the process worker: every heavy task is Cached.
-    proc, second = _qabot(env, "demo", "--config", str(config))
+    # Second run, in a process of its own (`qabot run`): every heavy task is Cached.
+    proc, second = _qabot(env, "run", "--config", str(config), "--no-services")
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
-    assert (
-        "Prefect flow run: http://127.0.0.1" in proc.stdout
-        and "MLflow parent run: http://127.0.0.1" in proc.stdout
-    )
-    # the run's URL comes first, then each stage as it ends, then the summary per model
-    out = proc.stdout
-    assert out.index("(submitted; the worker starts it)") < out.index("✓ train") < out.index("Summary:")
-    assert "100%" in out[: out.index("Summary:")], "the progress reaches 100% when every training is Cached"
-    assert all(f"  {m}" in out[out.index("Summary:") :] for m in ("llama-tiny", "bloom-tiny", "falcon-tiny"))
-    flow_run_id = proc.stdout.split("/runs/flow-run/")[1].split()[0]
-    states = _task_states(stack["home"], flow_run_id)
+    states = _task_states(stack["home"], _printed_summary(proc.stdout)["flow_run_id"])
     for name in HEAVY:
         assert states.get(name) and all(s == "Cached" for s in states[name]), (name, states.get(name))
-    print(f"\nfirst run {first:.1f} s, cached rerun through the worker {second:.1f} s ({second / first:.0%})")
+    print(f"\nfirst run through the worker {first:.1f} s, cached rerun {second:.1f} s ({second / first:.0%})")
 
     # Third run: the same settings on changed data (one row edited): the data, tokenize and train tasks of the
     # model run again; only one model, to keep it short.
@@ -193,6 +204,73 @@ def test_smoke_pipeline_end_to_end(stack, tmp_path):
     assert sorted(states.get("answer-questions", [])) == ["Cached", "Completed"], states.get(
         "answer-questions"
     )
+
+
+def test_both_uis_show_the_run_in_a_browser(stack, tmp_path):
+    """What a user sees in headless Chromium after a deployment run through the worker (the one of the test
+    above, else one of its own): the Prefect flow-run page with the flow, its task runs and artifacts; the
+    MLflow parent run in the model-training view, with its child runs, metrics and the comparison's plots; a
+    child run with its registered model. Screenshots go to test-output/screenshots/."""
+    from browserkit import Browser, find_chromium
+
+    if find_chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI installs Debian's chromium for this test (.ci/run); none is on PATH")
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
+    if not WORKER_RUN:  # the end-to-end test did not run first: a run of this test's own
+        config = tmp_path / "e2e.yaml"
+        config.write_text(E2E_CONFIG)
+        proc, _ = _qabot(stack["env"], "demo", "--config", str(config))
+        assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+        WORKER_RUN.update(
+            flow_run_id=proc.stdout.split("/runs/flow-run/")[1].split()[0],
+            flow_run_url=proc.stdout.split("Prefect flow run: ")[1].split()[0],
+            parent_run_url=proc.stdout.split("MLflow parent run: ")[1].split()[0],
+        )
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=stack["state"]["mlflow_url"])
+    parent_id = WORKER_RUN["parent_run_url"].split("/runs/")[1].split("?")[0]
+    parent = client.get_run(parent_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
+    models = sorted(c.info.run_name for c in children)
+    assert models == ["bloom-tiny", "falcon-tiny", "llama-tiny"]
+    shots = SCREENSHOTS
+
+    with Browser() as b:
+        # Prefect: the flow run, its tasks, its artifacts
+        b.open(WORKER_RUN["flow_run_url"], ["finetune-compare", "Completed", "qabot-process", "Task Runs"])
+        b.screenshot(shots / "prefect-flow-run.png")
+        b.click("Task Runs")
+        b.wait_for(["tokenize-", "train-", "merge-", "answer-questions-", "promote-", "compare-"])
+        b.screenshot(shots / "prefect-task-runs.png")
+        b.click("Artifacts")
+        b.wait_for(["comparison", "scoreboard", "training-progress", "best llama-tiny"])
+        b.screenshot(shots / "prefect-artifacts.png")
+
+        # MLflow: the parent run in the model-training view (not the GenAI one), its children and metrics
+        text = b.open(
+            WORKER_RUN["parent_run_url"], [parent.info.run_name, "Child runs", *models, "Metrics ("]
+        )
+        assert "Model registry" in text and "Evaluation runs" not in text, text[:1500]
+        assert "llama-tiny.question_score" in text and "llama-tiny.bits_per_byte" in text
+        b.screenshot(shots / "mlflow-parent-run.png")
+        b.click("Artifacts")
+        b.wait_for(["comparison"])
+        b.click("comparison")
+        b.wait_for(["report.md", "scoreboard.csv", "curves.png", "heldout.png"])
+        b.click("curves.png")
+        time.sleep(1.5)  # the image loads
+        b.screenshot(shots / "mlflow-parent-plots.png")
+
+        # a child run: its own metrics and the model version registered from it
+        llama = next(c for c in children if c.info.run_name == "llama-tiny")
+        url = WORKER_RUN["parent_run_url"].replace(parent_id, llama.info.run_id)
+        b.open(url, ["llama-tiny", "Registered models", "e2e-llama-tiny", "bits_per_byte", "Parent run"])
+        b.screenshot(shots / "mlflow-child-run.png")
+    assert all((shots / f).stat().st_size > 10_000 for f in os.listdir(shots))
 
 
 @pytest.mark.parametrize(

@@ -280,3 +280,14 @@ def test_the_train_task_moves_the_progress_artifact_as_the_stage_writes_its_prog
     percents = [p for p, _ in seen]
     assert percents[0] == 75.0 and percents[-1] == 100.0 and percents == sorted(percents), seen
     assert seen[-1][1] == f"{SPEC.name}: trained" and f"{SPEC.name}: 50% of its steps" in [n for _, n in seen]
+
+
+def test_the_tokenize_task_keeps_prints_out_of_the_log():
+    """`datasets` fingerprints functions with dill, which reads their globals from a `dis.dis` printout it
+    captures on stdout. With the flow's log_prints, Prefect logs each of those prints instead: the run's log in
+    the UI filled with bytecode and dill saw no globals. The tokenize task turns log_prints off."""
+    import dill.detect
+
+    assert stages.tokenize_data.log_prints is False
+    # dill's own capture works when print reaches sys.stdout (as it does in that task)
+    assert "json" in dill.detect.nestedglobals(lambda: json.dumps(1))  # noqa: F821 - a name to find, not run
