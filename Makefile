@@ -29,10 +29,10 @@ demo: install
 TEST_WORKERS ?= 2
 
 test: install
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test-fast: install
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

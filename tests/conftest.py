@@ -59,7 +59,22 @@ def pytest_collection_modifyitems(config, items):
                 break
         if group and grouping and item.nodeid.rfind("@") <= item.nodeid.rfind("]"):
             _suffix_nodeid(item, group)
-    items.sort(key=lambda item: "stack" not in item.fixturenames)
+    items.sort(key=_schedule_rank)
+
+
+# Tests of half a minute or more that are not `slow` (they start servers or train): scheduling only.
+LONG = {"test_prefect_auth_string_on_loopback_when_asked", "test_tiny_run_end_to_end"}
+
+
+def _schedule_rank(item) -> int:
+    """Longest first, so that two workers end together (`make test` passes --no-loadscope-reorder, which keeps
+    this order instead of xdist's by test count): the stack's chain, then each expensive fixture's group, then
+    the long single tests, then the rest."""
+    if "stack" in item.fixturenames:
+        return 0
+    if any(f in item.fixturenames for f in EXPENSIVE_MODULE_FIXTURES):
+        return 1
+    return 2 if "slow" in item.keywords or item.originalname in LONG else 3
 
 
 def _suffix_nodeid(item, group: str) -> None:
