@@ -116,16 +116,6 @@ def stack(tmp_path_factory):
     cluster = ExitStack()
     # where Debian's PostgreSQL server is installed (CI installs it), both servers keep their records there —
     # the scale-out path, under every end-to-end run; elsewhere in SQLite files under the home
-    # meanwhile this worker builds the tiny models the other worker has not started on (the cache locks each
-    # model): the end-to-end run needs all three as soon as the servers are up
-    import threading
-
-    from pipeline_lib.tiny import materialize_tiny
-
-    builder = threading.Thread(
-        target=lambda: [materialize_tiny(f"tiny:{arch}") for arch in reversed(ARCHS)], daemon=True
-    )
-    builder.start()
     pg = cluster.enter_context(postgres_cluster())
     env = env_for(home, **postgres_env(pg))
     mlflow_port, prefect_port = ports(2)
