@@ -640,6 +640,7 @@ def _up(home: Path, mlflow_port: int | None, prefect_port: int | None, worker: b
         store = _private_dir(home / "mlflow")
         env = {
             **base_env,
+            "MLFLOW_HOST": LOOPBACK,  # always: an MLFLOW_HOST exported for something else must not widen it
             "MLFLOW_PORT": str(port),
             "MLFLOW_HOME": str(store),
             "MLFLOW_BIN": str(bindir / "mlflow"),

@@ -112,9 +112,16 @@ def test_servers_worker_and_clients_run_without_telemetry(stack):
 
 
 def test_status_shows_servers_pool_and_worker(stack):
-    proc = qabot(stack["env"], "status", timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip()}
+    import time
+
+    deadline = time.monotonic() + 60  # a worker just started registers with the pool within seconds
+    while True:
+        proc = qabot(stack["env"], "status", timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip()}
+        if lines.get("pool", ":").split(":")[1].strip().startswith("READY") or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     for name in ("mlflow", "prefect", "worker"):
         assert " running " in lines[name] and f"pid {stack['state']['procs'][name]['pid']}" in lines[name], (
             proc.stdout
@@ -316,3 +323,26 @@ def test_identity_reads_start_time_boot_and_command_line():
     assert me["cmdline"][0] == sys.executable or Path(me["cmdline"][0]).name.startswith("python")
     assert services.is_running(me) and not services.is_running({**me, "start": me["start"] + 1})
     assert not services.is_running({"pid": os.getpid()}) and not services.is_running(None)
+
+
+def test_the_mlflow_server_qabot_starts_listens_on_loopback_whatever_the_environment(tmp_path, monkeypatch):
+    """`mlflow/start.sh` binds to $MLFLOW_HOST; `qabot up` passes its environment on, so an MLFLOW_HOST exported
+    for another purpose would have exposed the server. `up` sets it to loopback itself."""
+    from flows import services
+
+    class Spawned(Exception):
+        pass
+
+    seen = {}
+
+    def spawn(name, cmd, env, home):
+        seen[name] = env
+        raise Spawned
+
+    monkeypatch.setattr(services, "_spawn", spawn)
+    monkeypatch.setenv("MLFLOW_HOST", "0.0.0.0")
+    for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MLFLOW_ARTIFACTS"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(Spawned):
+        services.up(home=tmp_path / "home", prefect=False)
+    assert seen["mlflow"]["MLFLOW_HOST"] == "127.0.0.1"
