@@ -50,6 +50,15 @@ def _printed_summary(stdout: str) -> dict:
     return json.loads(stdout[stdout.index('{\n  "seconds"') : stdout.rindex("}") + 1])
 
 
+def _demo_urls(out: str) -> dict[str, str]:
+    """The flow run's id and URL and the MLflow parent run's URL, as `qabot demo` prints them."""
+    return {
+        "flow_run_id": out.split("/runs/flow-run/")[1].split()[0],
+        "flow_run_url": out.split("Prefect flow run: ")[1].split()[0],
+        "parent_run_url": out.split("MLflow parent run: ")[1].split()[0],
+    }
+
+
 def _task_states(home, flow_run_id):
     from flows.services import prefect_api  # CSRF token (and auth) included
 
@@ -98,11 +107,7 @@ def test_smoke_pipeline_end_to_end(stack, tmp_path):
     assert out.index("(submitted; the worker starts it)") < out.index("✓ train") < out.index("Summary:")
     assert "100%" in out[: out.index("Summary:")], "the training progress reaches 100%"
     assert all(f"  {m}" in out[out.index("Summary:") :] for m in ("llama-tiny", "bloom-tiny", "falcon-tiny"))
-    WORKER_RUN.update(
-        flow_run_id=out.split("/runs/flow-run/")[1].split()[0],
-        flow_run_url=out.split("Prefect flow run: ")[1].split()[0],
-        parent_run_url=out.split("MLflow parent run: ")[1].split()[0],
-    )
+    WORKER_RUN.update(_demo_urls(out))
     summary = {
         "flow_run_id": WORKER_RUN["flow_run_id"],
         "parent_run_id": WORKER_RUN["parent_run_url"].split("/runs/")[1].split("?")[0],
@@ -232,11 +237,7 @@ def test_both_uis_show_the_run_in_a_browser(stack, tmp_path):
         config.write_text(E2E_CONFIG)
         proc, _ = _qabot(stack["env"], "demo", "--config", str(config))
         assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
-        WORKER_RUN.update(
-            flow_run_id=proc.stdout.split("/runs/flow-run/")[1].split()[0],
-            flow_run_url=proc.stdout.split("Prefect flow run: ")[1].split()[0],
-            parent_run_url=proc.stdout.split("MLflow parent run: ")[1].split()[0],
-        )
+        WORKER_RUN.update(_demo_urls(proc.stdout))
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=stack["state"]["mlflow_url"])
