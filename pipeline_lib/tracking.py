@@ -28,6 +28,8 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
 SERVING_CODE = Path(__file__).with_name("serving.py")  # the pyfunc model's code (models-from-code)
 LIBRARY_DIR = Path(__file__).parent  # attached to logged models, so they load outside this environment
+# not attached: the shipped tiny models (weights, not code) and compiled-module caches
+LIBRARY_EXCLUDE = ("tiny_models", "__pycache__", "*.pyc")
 
 
 class TrackingTarget(BaseModel):
@@ -382,13 +384,18 @@ class MlflowTracker:
                 ]
             ),
         )
+        import shutil
+        import tempfile
+
         mlflow.set_tracking_uri(self.target.uri)
-        with _quiet_active_run(self.client, run_id):
+        with tempfile.TemporaryDirectory() as tmp, _quiet_active_run(self.client, run_id):
+            library = Path(tmp) / LIBRARY_DIR.name
+            shutil.copytree(LIBRARY_DIR, library, ignore=shutil.ignore_patterns(*LIBRARY_EXCLUDE))
             info = mlflow.pyfunc.log_model(
                 name="merged_model",
                 python_model=str(SERVING_CODE),
                 artifacts={"model_dir": str(model_dir)},
-                code_paths=[str(LIBRARY_DIR)],
+                code_paths=[str(library)],
                 registered_model_name=registered_name,
                 signature=signature,
                 pip_requirements=_requirements(),

@@ -309,6 +309,19 @@ def test_the_champion_serves(registry, tiny_models, tmp_path):
     info = tracker.log_model(tracker.start_run("merged"), tiny_models["bloom"], name)
     tracker.set_alias(name, "champion", str(info["registered_model_version"]))
     uri = f"models:/{name}@champion"
+    # the library travels with the model, without the shipped tiny models' weights or compiled caches
+    from mlflow.artifacts import download_artifacts
+
+    code = Path(
+        download_artifacts(
+            artifact_uri=f"models:/{name}/{info['registered_model_version']}/code",
+            dst_path=str(tmp_path / "code"),
+            tracking_uri=target.uri,
+        )
+    )
+    attached = {p.relative_to(code).as_posix() for p in code.rglob("*")}
+    assert {"pipeline_lib/serving.py", "pipeline_lib/tracking.py"} <= attached, sorted(attached)[:20]
+    assert not [p for p in attached if "tiny_models" in p or "__pycache__" in p or p.endswith(".pyc")]
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": target.uri,
