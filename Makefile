@@ -5,7 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is installed on its own first, with pip: the CPU wheel here (a CUDA build on GPU machines:
 # TORCH_SPEC=torch). Everything else comes from uv (seconds instead of minutes), pinned by constraints.txt;
-# the torch already installed satisfies the project's range, so uv leaves it as it is.
+# the torch already installed satisfies the project's range, so uv leaves it as it is. Neither compiles every
+# module at install time (pip spends 20 s on torch's): Python compiles the ones used, once, on first import.
 TORCH_SPEC ?= torch==2.13.0
 UV_SPEC ?= uv==0.13.9
 export QABOT_HOME ?= $(CURDIR)/.qabot
@@ -20,7 +21,7 @@ unexport PYTHONDONTWRITEBYTECODE
 $(BIN)/qabot: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "$(UV_SPEC)"
-	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --disable-pip-version-check --no-compile "$(TORCH_SPEC)"
 	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e ".[dev]"
 	touch $@
 
