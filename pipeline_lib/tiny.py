@@ -48,7 +48,8 @@ TINY_VERSION = 4  # bump when the recipe changes in a way the hash below cannot 
 PRETRAIN_STEPS = 500  # batches of 32 rows; enough for a 2-layer model to carry a name from a question to its answer (measured)
 PRETRAIN_TEXTS = 4000
 VOCAB_SIZE = 1024
-SHIPPED_DIR = Path(__file__).parent / "tiny_models"  # builds of the current recipe, made by `make tiny-models`
+# the builds of the current recipe, made by `make tiny-models`
+SHIPPED_DIR = Path(__file__).parent / "tiny_models"
 MARKER = "qabot_tiny.json"
 
 
@@ -285,7 +286,9 @@ def materialize_tiny(
                     if not (shipped is not None and _copy_shipped(shipped, tmp)):
                         build_tiny_model(arch, tmp)
                     fp = directory_fingerprint(tmp)
-                    (tmp / MARKER).write_text(json.dumps({"arch": arch, "recipe": out.name, "fingerprint": fp}))
+                    (tmp / MARKER).write_text(
+                        json.dumps({"arch": arch, "recipe": out.name, "fingerprint": fp})
+                    )
                     if out.exists():
                         shutil.rmtree(out)
                     tmp.rename(out)

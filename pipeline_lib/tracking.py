@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -289,8 +291,6 @@ class MlflowTracker:
 
     def load_dict(self, run_id: str, artifact_file: str) -> Any | None:
         """A JSON artifact of a run, parsed; None when the run has no such artifact."""
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 path = self.client.download_artifacts(run_id, artifact_file, tmp)
@@ -384,9 +384,6 @@ class MlflowTracker:
                 ]
             ),
         )
-        import shutil
-        import tempfile
-
         mlflow.set_tracking_uri(self.target.uri)
         with tempfile.TemporaryDirectory() as tmp, _quiet_active_run(self.client, run_id):
             library = Path(tmp) / LIBRARY_DIR.name
@@ -445,16 +442,8 @@ def _requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for name in (
-        "torch",
-        "transformers",
-        "accelerate",
-        "safetensors",
-        "tokenizers",
-        "pydantic",
-        "mlflow",
-        "pandas",
-    ):
+    names = "torch transformers accelerate safetensors tokenizers pydantic mlflow pandas"
+    for name in names.split():
         try:
             out.append(f"{name}=={version(name).split('+')[0]}")
         except PackageNotFoundError:
