@@ -25,8 +25,9 @@ EXPENSIVE_MODULE_FIXTURES = ("trained", "sharp_models", "llama_train_set")
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, str]:
     """{arch: path} of tiny Llama, Bloom and Falcon models with their tokenizers, from the shared tiny-model
-    cache (built once per recipe, reused by later sessions and by `make demo`). Each xdist worker asks in
-    another order, so on a fresh machine two workers build two models at once (the cache locks per model)."""
+    cache (copied from the package's shipped builds, or built once per recipe where none is shipped; reused by
+    later sessions and by `make demo`). Each xdist worker asks in another order, so where models must be
+    built two workers build two at once (the cache locks per model)."""
     from pipeline_lib.tiny import materialize_tiny
 
     shift = int(WORKER.removeprefix("gw") or 0) if WORKER.startswith("gw") else 0

@@ -51,7 +51,8 @@ def test_a_fresh_cache_takes_the_shipped_build_without_training(arch, tmp_path, 
 
 def test_the_shipped_models_are_pretrained():
     """Their language-model loss on the smoke world's text is far under a uniform guess's ln(vocab): the
-    shipped weights are the pre-trained ones, not a fresh initialisation."""
+    shipped weights are the pre-trained ones, not a fresh initialisation. (Measured: 1.09–1.14 nats for the
+    shipped models, 6.94–6.96 for a fresh initialisation; the limit, 3.47, sits far from both.)"""
     from transformers import AutoModelForCausalLM
 
     from pipeline_lib.encoding import load_tokenizer
@@ -97,7 +98,8 @@ def test_a_damaged_shipped_build_is_not_used_the_recipe_builds_instead(damage, t
 
 def test_the_recipe_builds_a_model_that_learns(tmp_path):
     """What `make tiny-models` runs, short: the tokenizer and model are built from the recipe, and its
-    pre-training lowers the loss."""
+    pre-training lowers the loss. (Measured: 8.79 → 4.07 nats over the first and last 5 of 40 steps, a ratio
+    of 0.46; the limit, 0.8, leaves room for other kernels' rounding.)"""
     from transformers import AutoModelForCausalLM
 
     tok = tiny.build_tokenizer("falcon", tmp_path)
