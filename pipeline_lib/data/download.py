@@ -219,9 +219,13 @@ def download(url: str, out: BinaryIO, *, timeout: float, deadline: float, max_by
         for hop in range(MAX_REDIRECTS + 1):
             conn, target, headers = _open(current, hop, shown, clock, timeout)
 
-            def kill(conn: http.client.HTTPConnection = conn) -> None:
+            # getresponse() hands the socket to a response that ends the connection (no Content-Length):
+            # conn.sock is None from then on, so the watchdog and the read timeouts keep their own reference
+            held: dict[str, socket.socket | None] = {}
+
+            def kill(conn: http.client.HTTPConnection = conn, held: dict = held) -> None:
                 expired.set()
-                sock = conn.sock
+                sock = held.get("sock") or conn.sock
                 if sock is not None:
                     try:
                         sock.shutdown(socket.SHUT_RDWR)
@@ -231,8 +235,10 @@ def download(url: str, out: BinaryIO, *, timeout: float, deadline: float, max_by
             watchdog = threading.Timer(clock.left(), kill)
             watchdog.daemon = True
             watchdog.start()
+            resp = None
             try:
                 conn.request("GET", target, headers=headers)
+                held["sock"] = conn.sock
                 resp = conn.getresponse()
                 if resp.status in _REDIRECT_CODES:
                     location = resp.getheader("Location")
@@ -248,9 +254,11 @@ def download(url: str, out: BinaryIO, *, timeout: float, deadline: float, max_by
                     )
                 if resp.status != 200:
                     raise DataError(shown, f"HTTP {resp.status} {resp.reason}: expected the file (200)")
-                return _stream(resp, conn, out, shown, clock, timeout, max_bytes, expired)
+                return _stream(resp, held["sock"], out, shown, clock, timeout, max_bytes, expired)
             finally:
                 watchdog.cancel()
+                if resp is not None:  # an unread body (a cap, an error) must not keep the connection open
+                    resp.close()
                 conn.close()
         raise DataError(shown, f"more than {MAX_REDIRECTS} redirects")
     except _Expired:
@@ -271,7 +279,7 @@ def _too_slow(deadline: float) -> str:
 
 def _stream(
     resp: http.client.HTTPResponse,
-    conn: http.client.HTTPConnection,
+    sock: socket.socket | None,
     out: BinaryIO,
     shown: str,
     clock: _Clock,
@@ -286,9 +294,15 @@ def _stream(
     h = hashlib.sha256()
     total = 0
     while True:
-        if conn.sock is not None:
-            conn.sock.settimeout(clock.wait(timeout))
-        piece = resp.read1(_PIECE)
+        limit = clock.wait(timeout)
+        if sock is not None:
+            sock.settimeout(limit)
+        try:
+            piece = resp.read1(_PIECE)
+        except TimeoutError:
+            if limit < timeout:  # the total deadline, not a silent server, ended this wait
+                raise _Expired from None
+            raise
         if expired.is_set():
             raise _Expired
         if not piece:
