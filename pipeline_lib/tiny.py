@@ -324,11 +324,7 @@ def ship_tiny_models(shipped_dir: str | Path = SHIPPED_DIR) -> list[Path]:
         shipped_dir.mkdir(parents=True, exist_ok=True)
         for old in shipped_dir.glob("tiny-*"):
             shutil.rmtree(old)
-        paths = []
-        for path in built:
-            shutil.copytree(path, shipped_dir / path.name)
-            paths.append(shipped_dir / path.name)
-    return paths
+        return [Path(shutil.copytree(path, shipped_dir / path.name)) for path in built]
 
 
 if __name__ == "__main__":  # `make tiny-models`
